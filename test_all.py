@@ -6,6 +6,7 @@ the output file parses, the error line appears.
     python test_all.py blitz seq2seq   # only tests whose name contains one of these words
     python -m pytest test_all.py       # pytest collects the same test_* functions
 """
+import math
 import os
 import re
 import subprocess
@@ -98,6 +99,236 @@ def test_blitz_sample_bad_checkpoints():
     junk = TMP / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     fails_with("blitz/sample.py", "--checkpoint", junk, message=r"not a readable PyTorch checkpoint")
+
+
+# ============================================================================= classifier
+
+
+def classifier_checkpoint():
+    if "classifier" not in _trained:
+        ckpt = TMP / "classifier.pt"
+        out, _ = run("classifier/train.py", "--train-size", 4000, "--test-size", 1000, "--val-size", 500,
+                     "--epochs", 6, "--width", 8, "--batch-size", 64, "--out", ckpt)
+        _trained["classifier"] = (ckpt, out)
+    return _trained["classifier"]
+
+
+def test_classifier_learns_shapes():
+    ckpt, out = classifier_checkpoint()
+    losses = epoch_losses(out)
+    assert len(losses) == 6 and losses[-1] < 0.8 * losses[0], losses
+    r = result(out)
+    assert r["test_acc"] >= 50 and r["chance"] == 10, r  # ten classes: chance is 10%
+    assert "per-class accuracy:" in out and "confusion matrix" in out
+
+
+def test_classifier_sample_shows_top3_and_confusions():
+    ckpt, _ = classifier_checkpoint()
+    out, _ = run("classifier/sample.py", "--checkpoint", ckpt, "--n", 2, "--color", "never")
+    assert out.count("test image") == 2 and "most confused pairs" in out
+    accuracy = float(re.search(r"whole test set: 1000 images, accuracy ([\d.]+)%", out).group(1))
+    assert accuracy == result(classifier_checkpoint()[1])["test_acc"], accuracy  # the same test set as training's
+    out, _ = run("classifier/sample.py", "--checkpoint", ckpt, "--index", 3, "--color", "always")
+    assert "\x1b[38;2;" in out and "test image 3:" in out  # 24-bit colour half blocks
+
+
+def test_classifier_resume_continues():
+    ckpt = TMP / "resume.pt"
+    common = ["--train-size", 1500, "--test-size", 300, "--val-size", 200, "--width", 8, "--out", ckpt]
+    run("classifier/train.py", "--epochs", 1, *common)
+    out, _ = run("classifier/train.py", "--epochs", 2, "--resume", *common)
+    assert "resumed" in out and "after epoch 1" in out and "epoch 2/2" in out and "epoch 1/2" not in out
+
+
+def write_fake_cifar(folder, per_file=120):
+    """A tiny CIFAR-10 in the binary layout: each image is a flat colour set by its label."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = __import__("random").Random(0)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        records = bytearray()
+        for _ in range(per_file):
+            label = rng.randrange(10)
+            records += bytes([label]) + bytes([25 * label]) * 1024 + bytes([250 - 25 * label]) * 1024 + bytes([rng.randrange(256)]) * 1024
+        (folder / name).write_bytes(bytes(records))
+    return folder
+
+
+def test_classifier_reads_cifar_binary_format():
+    folder = write_fake_cifar(TMP / "cifar" / "cifar-10-batches-bin")
+    ckpt = TMP / "cifar.pt"
+    out, _ = run("classifier/train.py", "--data", "cifar10", "--data-dir", folder.parent, "--model", "lenet",
+                 "--epochs", 4, "--batch-size", 16, "--lr", 0.01, "--val-size", 100, "--out", ckpt)
+    assert "data: cifar10, 500 train / 100 val / 120 test images" in out, out[:800]
+    assert result(out)["test_acc"] >= 30, result(out)  # the colour gives the label away: far above 10%
+    first_label = (folder / "test_batch.bin").read_bytes()[0]
+    names = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    out, _ = run("classifier/sample.py", "--checkpoint", ckpt, "--index", 0, "--color", "never")
+    assert f"test image 0: true class {names[first_label]}" in out
+
+
+def test_classifier_bad_inputs():
+    bad = TMP / "bad_cifar"
+    write_fake_cifar(bad, per_file=3)
+    (bad / "data_batch_2.bin").write_bytes(b"\x01" * 3000)  # truncated record
+    fails_with("classifier/train.py", "--data", "cifar10", "--data-dir", bad, message=r"data_batch_2.bin is truncated")
+    write_fake_cifar(bad, per_file=3)
+    (bad / "test_batch.bin").write_bytes(b"\x0c" + b"\x00" * 3072)  # label 12
+    fails_with("classifier/train.py", "--data", "cifar10", "--data-dir", bad, message=r"corrupt: label byte 12")
+    tarball = TMP / "tar" / "cifar-10-binary.tar.gz"
+    tarball.parent.mkdir(exist_ok=True)
+    tarball.write_bytes(b"not the real archive")
+    fails_with("classifier/train.py", "--data", "cifar10", "--data-dir", tarball, message=r"wrong MD5")
+    fails_with("classifier/train.py", "--data", "cifar10", "--data-dir", TMP / "nowhere", message=r"--data-dir .* does not exist")
+    fails_with("classifier/train.py", "--model", "vgg", message=r"unknown --model vgg")
+    blitz_ckpt, _ = blitz_checkpoint()
+    fails_with("classifier/sample.py", "--checkpoint", blitz_ckpt, message=r"not a classifier checkpoint")
+    fails_with("classifier/sample.py", "--checkpoint", TMP / "none.pt", message=r"run python classifier/train.py first")
+    ckpt, _ = classifier_checkpoint()
+    fails_with("classifier/sample.py", "--checkpoint", ckpt, "--index", 5000, message=r"--index 5000 is out of range")
+
+
+def test_classifier_torchrun_two_processes():
+    ckpt = TMP / "ddp.pt"
+    p = subprocess.run([str(a) for a in [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "classifier/train.py", "--train-size", 3000, "--test-size", 500, "--val-size", 400,
+                        "--epochs", 5, "--width", 8, "--batch-size", 64, "--out", ckpt]],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    r = result(p.stdout)
+    assert r["world"] == 2 and r["test_acc"] >= 30, r
+    assert p.stdout.count("result:") == 1  # only rank 0 reports
+
+
+# ============================================================================= seq2seq
+
+
+def import_script(path):
+    """Import a script as a module (its work is under `if __name__ == "__main__"`)."""
+    import importlib.util
+    sys.path.insert(0, str(ROOT / Path(path).parent))
+    try:
+        spec = importlib.util.spec_from_file_location(Path(path).parent.name + "_train", ROOT / path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.pop(0)
+
+
+def test_seq2seq_builtin_corpus_agrees_and_splits():
+    s2s = import_script("seq2seq/train.py")
+    pairs = s2s.builtin_pairs(12000, 0, 16)
+    assert len(set(pairs)) == len(pairs) == 12000 and pairs == s2s.builtin_pairs(12000, 0, 16)  # distinct, deterministic
+    assert pairs != s2s.builtin_pairs(12000, 1, 16)
+    table = dict(pairs)
+    for en, fr in pairs:
+        if en == "they are tall":
+            assert fr in ("ils sont grands", "elles sont grandes"), fr  # gender and number agreement
+        if " red car " in f" {en} ":
+            assert "voiture rouge" in fr, (en, fr)  # the colour moves behind the noun
+        if en.startswith("she s not "):
+            assert fr.startswith(("elle ne ", "elle n ")) and " pas " in fr, (en, fr)  # ne ... pas
+        if en.startswith("i am hungry"):
+            assert fr.startswith("j ai faim"), fr  # avoir, elided
+        assert len(en.split()) < 16 and len(fr.split()) < 16
+    assert any("une petite voiture rouge" in fr for fr in table.values())
+    train, val, test = s2s.split_pairs(pairs, 0.05, 0.1, seed=0)
+    assert (len(train), len(val), len(test)) == (10200, 600, 1200)
+    assert not (set(train) & set(test)) and not (set(train) & set(val)) and not (set(val) & set(test))
+
+
+def test_bleu_hand_computed():
+    bleu = import_script("seq2seq/train.py").corpus_bleu
+    split = lambda *ss: [s.split() for s in ss]
+    assert abs(bleu(split("a b c d e"), split("a b c d e")) - 1.0) < 1e-12
+    # p1..p4 = 5/6, 4/5, 3/4, 2/3 and no brevity penalty: (1/3) ** (1/4)
+    assert abs(bleu(split("a b c d e f"), split("a b c d e g")) - (1 / 3) ** 0.25) < 1e-12
+    # all precisions 1, but 4 words against 6: brevity penalty exp(1 - 6/4)
+    assert abs(bleu(split("a b c d"), split("a b c d e f")) - math.exp(-0.5)) < 1e-12
+    # clipping: "the" 4 times counts only as often as the reference has it; no 4-gram matches -> 0
+    assert bleu(split("the the the the"), split("the cat sat on")) == 0.0
+    # corpus level: counts are summed over sentences before dividing. Sentence 1 matches fully
+    # (4/4, 3/3, 2/2, 1/1); sentence 2 "x y z w" against "p q r s" matches nothing (0/4, 0/3, 0/2, 0/1).
+    expected = ((4 / 8) * (3 / 6) * (2 / 4) * (1 / 2)) ** 0.25
+    assert abs(bleu(split("a b c d", "x y z w"), split("a b c d", "p q r s")) - expected) < 1e-12
+    assert bleu([[]], split("a b")) == 0.0
+
+
+def seq2seq_checkpoint():
+    if "seq2seq" not in _trained:
+        ckpt = TMP / "seq2seq.pt"
+        out, _ = run("seq2seq/train.py", "--pairs", 4000, "--epochs", 4, "--hidden", 96, "--out", ckpt)
+        _trained["seq2seq"] = (ckpt, out)
+    return _trained["seq2seq"]
+
+
+def test_seq2seq_learns_to_translate():
+    ckpt, out = seq2seq_checkpoint()
+    losses = epoch_losses(out)
+    assert len(losses) == 4 and losses[-1] < 0.3 * losses[0], losses
+    r = result(out)
+    assert r["test_bleu"] >= 0.6, r  # an untrained model scores about 0
+    assert re.search(r"  > .+\n  = .+\n  < .+", out)  # examples: source, target, output
+
+
+def test_seq2seq_beam_one_equals_greedy():
+    import torch
+    s2s = import_script("seq2seq/train.py")
+    ckpt, _ = seq2seq_checkpoint()
+    meta, model, src_vocab, tgt_vocab = s2s.load_checkpoint(ckpt, torch.device("cpu"))
+    pairs = [(f, e) for e, f in s2s.builtin_pairs(60, 123, 16)]
+    src, src_len, _ = s2s.to_tensors(pairs, src_vocab, tgt_vocab, "cpu")
+    greedy, _ = model.greedy(src, src_len, 17)
+    for i in range(len(pairs)):
+        beam, attn = model.beam_search(src[i:i + 1, :src_len[i]], src_len[i:i + 1], 1, 17)
+        assert s2s.strip_eos(beam) == s2s.strip_eos(greedy[i].tolist()), i
+        assert attn.shape == (len(beam), int(src_len[i]))
+    wide, _ = model.beam_search(src[:1, :src_len[0]], src_len[:1], 4, 17)
+    assert len(wide) >= 1
+
+
+def test_seq2seq_other_attentions_and_free_running_train():
+    for extra in (["--attention", "bahdanau", "--teacher-forcing", "0.5", "--no-bidirectional"],
+                  ["--attention", "concat", "--layers", "2", "--reverse-source", "--beam", "3"]):
+        out, _ = run("seq2seq/train.py", "--pairs", 600, "--epochs", 1, "--hidden", 32, "--out", TMP / "other.pt", *extra)
+        assert "result:" in out
+
+
+def test_seq2seq_sample_arguments_stdin_and_map():
+    ckpt, _ = seq2seq_checkpoint()
+    out, _ = run("seq2seq/sample.py", "--checkpoint", ckpt, "elle est plus grande que moi", "Nous avons faim !")
+    lines = [l for l in out.splitlines() if " -> " in l]
+    assert len(lines) == 2 and lines[0].startswith("elle est plus grande que moi -> "), out
+    assert lines[1].startswith("nous avons faim ! -> ")  # normalised like the training data
+    out, _ = run("seq2seq/sample.py", "--checkpoint", ckpt, stdin="il est grand\n\nje suis fatigue\n")
+    assert out.count(" -> ") == 2
+    out, err = run("seq2seq/sample.py", "--checkpoint", ckpt, "--beam", 3, "--attention-map", "je lave xyzzy")
+    assert "unknown words: xyzzy" in err and re.search("[\u2591\u2592\u2593\u2588]", out), out
+
+
+def test_seq2seq_bad_inputs():
+    ckpt, _ = seq2seq_checkpoint()
+    fails_with("seq2seq/train.py", "--data", TMP / "missing.txt", message=r"no such file")
+    one_column = TMP / "one_column.txt"
+    one_column.write_text("i am cold\tj ai froid\nhe is tall\n", encoding="utf-8")
+    fails_with("seq2seq/train.py", "--data", one_column, message=r"line 2: expected 2 tab-separated columns, found 1")
+    empty = TMP / "empty.txt"
+    empty.write_text("\n", encoding="utf-8")
+    fails_with("seq2seq/train.py", "--data", empty, message=r"is empty")
+    fails_with("seq2seq/sample.py", "--checkpoint", ckpt, "il est " + "tres " * 20 + "grand", message=r"too long")
+    fails_with("seq2seq/sample.py", "--checkpoint", ckpt, " ... ", message=r"empty sentence")
+    blitz_ckpt, _ = blitz_checkpoint()
+    fails_with("seq2seq/sample.py", "--checkpoint", blitz_ckpt, "il est grand", message=r"not a seq2seq checkpoint")
+    fails_with("seq2seq/sample.py", "--checkpoint", TMP / "none.pt", "x", message=r"run python seq2seq/train.py first")
+
+
+def test_seq2seq_reads_tab_separated_file():
+    data = TMP / "pairs.txt"  # tutorial format with a third column, as newer Tatoeba exports have
+    rows = [f"{e.capitalize()}.\t{f.capitalize()}.\tCC-BY 2.0 (France) Attribution: tatoeba.org"
+            for e, f in import_script("seq2seq/train.py").builtin_pairs(800, 5, 10)]
+    data.write_text("\n".join(rows), encoding="utf-8")
+    out, _ = run("seq2seq/train.py", "--data", data, "--epochs", 1, "--hidden", 32, "--out", TMP / "file.pt")
+    assert re.search(r"read 800 pairs from .*; \d+ pass the filter", out) and "result:" in out
 
 
 # ============================================================================= runner

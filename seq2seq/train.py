@@ -1,0 +1,672 @@
+"""Sequence to sequence translation: a GRU encoder-decoder with attention, batched.
+
+Every idea of the PyTorch tutorials "NLP From Scratch: Translation with a Sequence to
+Sequence Network and Attention" and "Chatbot Tutorial" in one file: an encoder GRU over the
+source (Sutskever et al. 2014), a decoder GRU that attends to it (Bahdanau et al. 2015; the
+three scores of Luong et al. 2015), teacher forcing, masked loss, gradient clipping, greedy
+and beam-search decoding, corpus BLEU-4 on a held-out split, and attention maps.
+
+    python seq2seq/train.py                                   # built-in French->English corpus, ~1.5 min on 2 CPU cores
+    python seq2seq/train.py --attention none                  # the same without attention, for comparison
+    python seq2seq/train.py --data data.zip                   # the tutorial's eng-fra data (zip or eng-fra.txt)
+    python seq2seq/sample.py "elle est plus grande que moi ."  # translate with the checkpoint
+
+Speed: with Luong attention (dot/general/concat) and full teacher forcing the decoder GRU
+runs over the whole target sequence in one call and attention is one batched matmul; only
+Bahdanau attention (whose query is the previous decoder state) and free-running steps need
+a Python loop over time. Batches are bucketed by length, so little is padding.
+"""
+import argparse
+import math
+import os
+import random
+import re
+import sys
+import time
+import unicodedata
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
+from common import get_device, seed_everything
+
+PAD, SOS, EOS, UNK = 0, 1, 2, 3
+SPECIALS = ["<pad>", "<sos>", "<eos>", "<unk>"]
+# The tutorial keeps only pairs whose English side starts like this (after normalisation).
+ENG_PREFIXES = ("i am ", "i m ", "he is", "he s ", "she is", "she s ", "you are", "you re ",
+                "we are", "we re ", "they are", "they re ")
+
+
+def fail(message):
+    """A problem the user can fix: one line on stderr, exit status 1, no traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------- built-in corpus
+# A small English-French grammar in the territory of the tutorial's filtered data. French
+# agrees where English does not (adjectives with gender and number, articles with the noun),
+# puts colour adjectives after the noun, wraps negation around the verb (ne ... pas) and says
+# "j ai faim" for "i am hungry": a decoder must look at the right source word at each step.
+
+SUBJECTS = [  # English, French, person (0-5 selects the verb form), plural
+    ("i", "je", 0, False), ("you", "tu", 1, False), ("he", "il", 2, False), ("she", "elle", 2, False),
+    ("we", "nous", 3, True), ("you", "vous", 4, True), ("they", "ils", 5, True), ("they", "elles", 5, True)]
+BE_EN = {"i": ("am", "m"), "you": ("are", "re"), "he": ("is", "s"), "she": ("is", "s"), "we": ("are", "re"), "they": ("are", "re")}
+ETRE = ["suis", "es", "est", "sommes", "etes", "sont"]
+AVOIR = ["ai", "as", "a", "avons", "avez", "ont"]
+
+
+def forms(m, f=None, mp=None, fp=None):
+    """French adjective forms (masc, fem, masc plural, fem plural), regular unless given."""
+    f = f or (m if m.endswith("e") else m + "e")
+    return (m, f, mp or (m if m[-1] in "sx" else m + "s"), fp or f + "s")
+
+
+ADJECTIVES = {  # English: (comparative, French forms)
+    "tall": ("taller", forms("grand")), "small": ("smaller", forms("petit")), "happy": ("happier", forms("heureux", "heureuse")),
+    "tired": ("more tired", forms("fatigue", "fatiguee")), "sad": ("sadder", forms("triste")), "ready": (None, forms("pret", "prete")),
+    "busy": ("busier", forms("occupe", "occupee")), "rich": ("richer", forms("riche")), "young": ("younger", forms("jeune")),
+    "angry": (None, forms("fache", "fachee")), "sick": (None, forms("malade")), "strong": ("stronger", forms("fort")),
+    "lazy": ("lazier", forms("paresseux", "paresseuse")), "proud": ("prouder", forms("fier", "fiere")),
+    "married": (None, forms("marie", "mariee")), "alone": (None, forms("seul")), "polite": ("more polite", forms("poli")),
+    "curious": ("more curious", forms("curieux", "curieuse")), "calm": ("calmer", forms("calme")), "shy": ("shyer", forms("timide")),
+    "smart": ("smarter", forms("intelligent")), "brave": ("braver", forms("courageux", "courageuse")),
+    "late": (None, ("en retard",) * 4), "early": (None, ("en avance",) * 4),
+}
+AVOIR_EXPRESSIONS = {"hungry": "faim", "thirsty": "soif", "cold": "froid", "hot": "chaud", "afraid": "peur",
+                     "right": "raison", "wrong": "tort", "sleepy": "sommeil"}
+AGES = {"ten": "dix", "twelve": "douze", "fifteen": "quinze", "twenty": "vingt", "thirty": "trente",
+        "forty": "quarante", "fifty": "cinquante", "sixty": "soixante"}
+PRONOUNS = {"me": "moi", "you": "toi", "him": "lui", "her": "elle", "us": "nous", "them": "eux"}
+INTENSIFIERS = {"very": "tres", "too": "trop", "so": "si"}
+VERBS = {  # English -ing form: the six French present-tense forms
+    "looking at": "regarde regardes regarde regardons regardez regardent", "buying": "achete achetes achete achetons achetez achetent",
+    "washing": "lave laves lave lavons lavez lavent", "painting": "peins peins peint peignons peignez peignent",
+    "drawing": "dessine dessines dessine dessinons dessinez dessinent", "selling": "vends vends vend vendons vendez vendent",
+    "carrying": "porte portes porte portons portez portent", "cleaning": "nettoie nettoies nettoie nettoyons nettoyez nettoient",
+    "looking for": "cherche cherches cherche cherchons cherchez cherchent", "repairing": "repare repares repare reparons reparez reparent"}
+NOUNS = [  # English singular, plural; French singular, plural; feminine?
+    ("car", "cars", "voiture", "voitures", True), ("book", "books", "livre", "livres", False), ("house", "houses", "maison", "maisons", True),
+    ("letter", "letters", "lettre", "lettres", True), ("chair", "chairs", "chaise", "chaises", True), ("bike", "bikes", "velo", "velos", False),
+    ("shirt", "shirts", "chemise", "chemises", True), ("hat", "hats", "chapeau", "chapeaux", False), ("ball", "balls", "balle", "balles", True),
+    ("picture", "pictures", "photo", "photos", True), ("window", "windows", "fenetre", "fenetres", True), ("table", "tables", "table", "tables", True),
+    ("box", "boxes", "boite", "boites", True), ("door", "doors", "porte", "portes", True), ("boat", "boats", "bateau", "bateaux", False),
+    ("bag", "bags", "sac", "sacs", False), ("coat", "coats", "manteau", "manteaux", False), ("cup", "cups", "tasse", "tasses", True),
+    ("pen", "pens", "stylo", "stylos", False), ("dress", "dresses", "robe", "robes", True), ("truck", "trucks", "camion", "camions", False),
+    ("horse", "horses", "cheval", "chevaux", False), ("dog", "dogs", "chien", "chiens", False), ("cat", "cats", "chat", "chats", False)]
+BEFORE_NOUN = {"small": forms("petit"), "big": forms("grand"), "new": forms("nouveau", "nouvelle", "nouveaux"),
+               "old": forms("vieux", "vieille"), "pretty": forms("joli"), "beautiful": forms("beau", "belle", "beaux")}
+COLOURS = {"red": forms("rouge"), "green": forms("vert"), "white": forms("blanc", "blanche"), "black": forms("noir"),
+           "blue": forms("bleu"), "yellow": forms("jaune"), "grey": forms("gris", "grise")}
+DETERMINERS = {  # English: (plural?, French masc, French fem)
+    "a": (False, "un", "une"), "the": (False, "le", "la"), "my": (False, "mon", "ma"), "this": (False, "ce", "cette"),
+    "the+": (True, "les", "les"), "my+": (True, "mes", "mes"), "these": (True, "ces", "ces"), "two": (True, "deux", "deux"), "three": (True, "trois", "trois")}
+PLACES = {"kitchen": "la cuisine", "garden": "le jardin", "office": "le bureau", "park": "le parc", "bedroom": "la chambre",
+          "car": "la voiture", "street": "la rue", "library": "la bibliotheque", "shop": "le magasin", "living room": "le salon"}
+
+
+def elide(word, following):
+    """je -> j, ne -> n before a vowel sound, as French writes j'ai, n'est (normalised to j ai, n est)."""
+    return word[0] if word in ("je", "ne") and following[0] in "aeiouh" else word
+
+
+def french_subject_verb(fr_subj, verb, negative):
+    """'je' + 'suis' -> 'je suis'; negative: 'je ne suis pas', 'il n est pas'."""
+    if negative:
+        return f"{elide(fr_subj, 'ne')} {elide('ne', verb)} {verb} pas"
+    return f"{elide(fr_subj, verb)} {verb}"
+
+
+def make_pair(rng):
+    """One random (English, French) pair, both normalised as the tutorial normalises."""
+    en_subj, fr_subj, person, plural = rng.choice(SUBJECTS)
+    feminine = fr_subj in ("elle", "elles") or (fr_subj not in ("il", "ils") and rng.random() < 0.5)
+    agree = (2 if plural else 0) + (1 if feminine else 0)  # index into an adjective's four forms
+    negative = rng.random() < 0.3
+    full, short = BE_EN[en_subj]
+    en_be = f"{en_subj} {short} not" if negative else f"{en_subj} {full}"  # negatives use the contraction: "he s not"
+    kind = rng.choices(["adjective", "comparative", "avoir", "age", "place", "verb"], [20, 10, 10, 5, 5, 50])[0]
+    if kind in ("adjective", "comparative"):
+        en_adj, (comparative, fr_forms) = rng.choice(list(ADJECTIVES.items()))
+        if kind == "comparative" and comparative:
+            en_pron, fr_pron = rng.choice(list(PRONOUNS.items()))
+            return f"{en_be} {comparative} than {en_pron} .", f"{french_subject_verb(fr_subj, ETRE[person], negative)} plus {fr_forms[agree]} que {fr_pron} ."
+        en_int, fr_int = rng.choice([("", "")] * 3 + list(INTENSIFIERS.items()))
+        return (re.sub(" +", " ", f"{en_be} {en_int} {en_adj} ."),
+                re.sub(" +", " ", f"{french_subject_verb(fr_subj, ETRE[person], negative)} {fr_int} {fr_forms[agree]} ."))
+    if kind == "avoir":
+        en_word, fr_word = rng.choice(list(AVOIR_EXPRESSIONS.items()))
+        very = rng.random() < 0.3
+        return f"{en_be} {'very ' if very else ''}{en_word} .", f"{french_subject_verb(fr_subj, AVOIR[person], negative)} {'tres ' if very else ''}{fr_word} ."
+    if kind == "age":
+        en_age, fr_age = rng.choice(list(AGES.items()))
+        return f"{en_be} {en_age} years old .", f"{french_subject_verb(fr_subj, AVOIR[person], negative)} {fr_age} ans ."
+    if kind == "place":
+        en_place, fr_place = rng.choice(list(PLACES.items()))
+        return f"{en_be} in the {en_place} .", f"{french_subject_verb(fr_subj, ETRE[person], negative)} dans {fr_place} ."
+    # "she is buying a small red car and two books" -> "elle achete une petite voiture rouge et deux livres"
+    verb_en, verb_fr = rng.choice(list(VERBS.items()))
+    (obj_en, obj_fr), and_en, and_fr = noun_phrase(rng), "", ""
+    if rng.random() < 0.5:  # a second object: more to carry, and a long way from the verb
+        second_en, second_fr = noun_phrase(rng)
+        and_en, and_fr = f" and {second_en}", f" et {second_fr}"
+    fr_verb = verb_fr.split()[person]
+    return f"{en_be} {verb_en} {obj_en}{and_en} .", f"{french_subject_verb(fr_subj, fr_verb, negative)} {obj_fr}{and_fr} ."
+
+
+def noun_phrase(rng):
+    """('a small red car', 'une petite voiture rouge'): the article and both adjectives agree
+    with the noun's gender and number; the colour moves behind the noun in French."""
+    det_en, (det_plural, det_m, det_f) = rng.choice(list(DETERMINERS.items()))
+    en_sg, en_pl, fr_sg, fr_pl, fem = rng.choice(NOUNS)
+    agree = (2 if det_plural else 0) + (1 if fem else 0)
+    words_en, words_fr = [det_en.rstrip("+")], [det_f if fem else det_m]
+    if rng.random() < 0.4:
+        adj_en, adj_fr = rng.choice(list(BEFORE_NOUN.items()))
+        words_en.append(adj_en)
+        words_fr.append(adj_fr[agree])
+    words_fr.append(fr_pl if det_plural else fr_sg)
+    if rng.random() < 0.5:
+        col_en, col_fr = rng.choice(list(COLOURS.items()))
+        words_en.append(col_en)
+        words_fr.append(col_fr[agree])
+    words_en.append(en_pl if det_plural else en_sg)
+    if words_en[0] == "a" and words_en[1][0] in "aeiou":
+        words_en[0] = "an"  # "an old car"
+    return " ".join(words_en), " ".join(words_fr)
+
+
+def builtin_pairs(n, seed, max_length):
+    """n distinct (English, French) pairs, deterministic for a seed, each side under max_length words."""
+    rng, pairs, seen = random.Random(seed), [], set()
+    for _ in range(50 * n):
+        en, fr = map(normalize, make_pair(rng))  # exactly what sample.py will make of typed input
+        if (en, fr) not in seen and len(en.split()) < max_length and len(fr.split()) < max_length:
+            seen.add((en, fr))  # distinct pairs: no pair can be in two splits
+            pairs.append((en, fr))
+            if len(pairs) == n:
+                break
+    return pairs
+
+
+# ----------------------------------------------------------------------------- data files
+
+
+def normalize(s):
+    """The tutorial's normalisation: accents dropped (Unicode NFD, combining marks removed),
+    lower case, ! and ? split off, every other non-letter run (. included) becomes a space."""
+    s = "".join(c for c in unicodedata.normalize("NFD", s.lower().strip()) if unicodedata.category(c) != "Mn")
+    s = re.sub(r"([.!?])", r" \1", s)
+    return re.sub(r"[^a-zA-Z!?]+", " ", s).strip()  # the tutorial drops "." here too, keeping ! and ?
+
+
+def read_pairs_file(path):
+    """Tab-separated pairs from a UTF-8 text file or a zip holding one (the tutorial's data.zip)."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"--data {path}: no such file (give eng-fra.txt, the tutorial's data.zip, or any tab-separated pairs)")
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist() if n.endswith(".txt")]
+                if not names:
+                    fail(f"{path} holds no .txt file of tab-separated pairs")
+                name = next((n for n in names if n.endswith("eng-fra.txt")), names[0])
+                text = z.read(name).decode("utf-8")
+        else:
+            text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        fail(f"{path} is not UTF-8 text")
+    except (zipfile.BadZipFile, OSError) as e:
+        fail(f"cannot read {path}: {e}")
+    pairs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        columns = line.split("\t")
+        if len(columns) < 2:  # a third column (Tatoeba's attribution) is ignored
+            fail(f"{path} line {number}: expected 2 tab-separated columns, found {len(columns)}")
+        pairs.append((normalize(columns[0]), normalize(columns[1])))
+    if not pairs:
+        fail(f"{path} is empty: expected lines of 'sentence<TAB>translation'")
+    return pairs
+
+
+def split_pairs(pairs, val_frac, test_frac, seed):
+    """Seeded shuffle, then (train, val, test). The pairs are distinct, so the splits share none."""
+    pairs = list(pairs)
+    random.Random(seed).shuffle(pairs)
+    n_test, n_val = max(1, int(test_frac * len(pairs))), max(1, int(val_frac * len(pairs)))
+    return pairs[n_test + n_val:], pairs[n_test:n_test + n_val], pairs[:n_test]
+
+
+class Vocab:
+    """Words <-> indices. The four specials come first; words seen fewer than min_count
+    times in training are left out and read as <unk> (the chatbot tutorial's trimming)."""
+
+    def __init__(self, words):
+        self.words = list(words)
+        self.index = {w: i for i, w in enumerate(self.words)}
+
+    @classmethod
+    def build(cls, sentences, min_count):
+        counts = Counter(w for s in sentences for w in s.split())
+        return cls(SPECIALS + sorted(w for w, c in counts.items() if c >= min_count))
+
+    def encode(self, sentence):
+        return [self.index.get(w, UNK) for w in sentence.split()]
+
+    def decode(self, ids):
+        return " ".join(self.words[i] for i in ids)
+
+    def __len__(self):
+        return len(self.words)
+
+
+def to_tensors(pairs, src_vocab, tgt_vocab, device):
+    """Padded index tensors on the device: src (N, S), src_len (N,), tgt (N, T+1) ending in <eos>."""
+    src = [src_vocab.encode(s) for s, _ in pairs]
+    tgt = [tgt_vocab.encode(t) + [EOS] for _, t in pairs]
+    pad = lambda seqs: torch.tensor([s + [PAD] * (max(map(len, seqs)) - len(s)) for s in seqs], dtype=torch.long)
+    return pad(src).to(device), torch.tensor([len(s) for s in src]).to(device), pad(tgt).to(device)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Encoder(nn.Module):
+    def __init__(self, vocab, hidden, layers, bidirectional, dropout):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, hidden, padding_idx=PAD)
+        self.gru = nn.GRU(hidden, hidden, layers, batch_first=True, bidirectional=bidirectional, dropout=dropout if layers > 1 else 0.0)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, src, src_len):  # src (B, S)
+        x = self.dropout(self.embedding(src))  # (B, S, H)
+        # Packing makes the GRU stop at each sentence's real end, so padding never enters the state.
+        packed = pack_padded_sequence(x, src_len.cpu(), batch_first=True, enforce_sorted=False)
+        out, h = self.gru(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])  # (B, S, dirs*H)
+        if self.gru.bidirectional:  # sum the two directions, as the chatbot tutorial does
+            H = self.gru.hidden_size
+            out = out[..., :H] + out[..., H:]
+            h = h.view(self.gru.num_layers, 2, -1, H).sum(1)  # (layers, B, H)
+        return out, h
+
+
+class Attention(nn.Module):
+    """score(query, key) over source positions, softmax, weighted sum of encoder outputs.
+    bahdanau / concat: v^T tanh(W q + U k) (Bahdanau et al. 2015 eq. 6; Luong et al. 2015 eq. 8 "concat");
+    dot: q . k; general: q . W k (Luong eq. 8). The key side is computed once per sentence."""
+
+    def __init__(self, kind, hidden):
+        super().__init__()
+        self.kind = kind
+        if kind in ("bahdanau", "concat"):
+            self.W, self.U, self.v = nn.Linear(hidden, hidden, bias=False), nn.Linear(hidden, hidden), nn.Linear(hidden, 1, bias=False)
+        elif kind == "general":
+            self.W = nn.Linear(hidden, hidden, bias=False)
+
+    def keys(self, enc_out):  # (B, S, H): the part of the score that depends only on the source
+        if self.kind in ("bahdanau", "concat"):
+            return self.U(enc_out)
+        return self.W(enc_out) if self.kind == "general" else enc_out
+
+    def forward(self, query, keys, values, mask):  # query (B, T, H), keys/values (B, S, H), mask (B, S)
+        if self.kind in ("bahdanau", "concat"):
+            scores = self.v(torch.tanh(self.W(query).unsqueeze(2) + keys.unsqueeze(1))).squeeze(-1)  # (B, T, S)
+        else:
+            scores = query @ keys.transpose(1, 2)  # (B, T, S): one batched matmul for every step
+        weights = scores.masked_fill(~mask.unsqueeze(1), float("-inf")).softmax(-1)  # padding gets no weight
+        return weights @ values, weights  # context (B, T, H), weights (B, T, S)
+
+
+class Decoder(nn.Module):
+    """One forward serves teacher forcing (tokens = the whole shifted target) and generation
+    (tokens = the last word, with the hidden state carried between calls: incremental decoding)."""
+
+    def __init__(self, vocab, hidden, layers, attention, dropout):
+        super().__init__()
+        self.kind = attention
+        self.embedding = nn.Embedding(vocab, hidden, padding_idx=PAD)
+        # Bahdanau feeds the context into the GRU with the word; Luong combines it after the GRU.
+        self.gru = nn.GRU(2 * hidden if attention == "bahdanau" else hidden, hidden, layers, batch_first=True,
+                          dropout=dropout if layers > 1 else 0.0)
+        self.attention = Attention(attention, hidden) if attention != "none" else None
+        self.combine = nn.Linear(2 * hidden, hidden) if attention in ("dot", "general", "concat") else None
+        self.out = nn.Linear(hidden, vocab)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tokens, hidden, memory):  # tokens (B, T), hidden (layers, B, H)
+        enc_out, keys, mask = memory
+        x = self.dropout(self.embedding(tokens))  # (B, T, H)
+        weights = None
+        if self.kind == "bahdanau":  # the query is the previous state, so step through time
+            outs, ws = [], []
+            for t in range(x.shape[1]):
+                context, w = self.attention(hidden[-1].unsqueeze(1), keys, enc_out, mask)  # (B, 1, H)
+                o, hidden = self.gru(torch.cat([x[:, t:t + 1], context], -1), hidden)
+                outs.append(o)
+                ws.append(w)
+            out, weights = torch.cat(outs, 1), torch.cat(ws, 1)  # (B, T, H), (B, T, S)
+        else:
+            out, hidden = self.gru(x, hidden)  # all T steps in one call
+            if self.attention is not None:
+                context, weights = self.attention(out, keys, enc_out, mask)
+                out = torch.tanh(self.combine(torch.cat([out, context], -1)))  # Luong eq. 5: h~ = tanh(Wc [c; h])
+        return out, hidden, weights  # features (B, T, H): self.project turns them into logits
+
+    def project(self, features):  # (..., H) -> (..., V) logits over the target vocabulary
+        return self.out(self.dropout(features))
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self, src_vocab, tgt_vocab, hidden=128, layers=1, bidirectional=True, attention="general", dropout=0.1):
+        super().__init__()
+        self.encoder = Encoder(src_vocab, hidden, layers, bidirectional, dropout)
+        self.decoder = Decoder(tgt_vocab, hidden, layers, attention, dropout)
+
+    def encode(self, src, src_len):
+        enc_out, hidden = self.encoder(src, src_len)
+        keys = self.decoder.attention.keys(enc_out) if self.decoder.attention is not None else None
+        mask = torch.arange(src.shape[1], device=src.device).unsqueeze(0) < src_len.unsqueeze(1)  # (B, S)
+        return (enc_out, keys, mask), hidden  # the memory is computed once and reused at every step
+
+    def forward(self, src, src_len, tgt_in, keep):
+        """Teacher forcing: logits (N, V) for the N positions where keep (B, T) is True. The
+        output layer is the costliest matmul, so padding positions never reach it."""
+        memory, hidden = self.encode(src, src_len)
+        return self.decoder.project(self.decoder(tgt_in, hidden, memory)[0][keep])
+
+    def free_running(self, src, src_len, T, keep):
+        """Training without teacher forcing: each step is fed the model's own previous guess."""
+        memory, hidden = self.encode(src, src_len)
+        token, logits = torch.full((src.shape[0], 1), SOS, device=src.device), []
+        for _ in range(T):
+            features, hidden, _ = self.decoder(token, hidden, memory)
+            logits.append(self.decoder.project(features))
+            token = logits[-1].argmax(-1).detach()
+        return torch.cat(logits, 1)[keep]
+
+    @torch.no_grad()
+    def greedy(self, src, src_len, max_len):
+        """Batched greedy decoding: (B, L) tokens and (B, L, S) attention; stops when all have <eos>."""
+        memory, hidden = self.encode(src, src_len)
+        token = torch.full((src.shape[0], 1), SOS, device=src.device)
+        done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
+        tokens, weights = [], []
+        for _ in range(max_len):
+            features, hidden, w = self.decoder(token, hidden, memory)
+            token = self.decoder.project(features).argmax(-1)  # (B, 1)
+            tokens.append(token)
+            weights.append(w if w is not None else torch.zeros(src.shape[0], 1, src.shape[1], device=src.device))
+            done |= token.squeeze(1) == EOS
+            if done.all():
+                break
+        return torch.cat(tokens, 1), torch.cat(weights, 1)
+
+    @torch.no_grad()
+    def beam_search(self, src, src_len, beam, max_len):
+        """Beam search for one sentence (src (1, S)); the beams travel as a batch. Finished
+        hypotheses are ranked by mean log-probability per token, so longer ones are not punished.
+        With beam 1 it is exactly greedy decoding. Returns (tokens, attention (L, S))."""
+        memory, hidden = self.encode(src, src_len)
+        memory = tuple(m.expand(beam, *m.shape[1:]) if m is not None else None for m in memory)
+        hidden = hidden.expand(-1, beam, -1).contiguous()
+        scores = torch.zeros(1, device=src.device)  # log-probabilities of the live hypotheses
+        seqs, attns = [[]], [[]]
+        finished = []  # (score per token, tokens, attention rows)
+        token = torch.full((1, 1), SOS, device=src.device)
+        for step in range(max_len):
+            k = len(seqs)
+            features, h, w = self.decoder(token, hidden[:, :k], tuple(m[:k] if m is not None else None for m in memory))
+            logp = self.decoder.project(features[:, -1]).float().log_softmax(-1) + scores.unsqueeze(1)  # (k, V)
+            top, flat = logp.flatten().topk(min(2 * beam, logp.numel()))
+            keep, new_scores, new_seqs, new_attns = [], [], [], []
+            for score, f in zip(top.tolist(), flat.tolist()):
+                b, word = divmod(f, logp.shape[1])
+                row = w[b, -1] if w is not None else torch.zeros(src.shape[1], device=src.device)
+                if word == EOS or step == max_len - 1:
+                    finished.append((score / (len(seqs[b]) + 1), seqs[b] + [word], attns[b] + [row]))
+                else:
+                    keep.append(b)
+                    new_scores.append(score)
+                    new_seqs.append(seqs[b] + [word])
+                    new_attns.append(attns[b] + [row])
+                if len(finished) >= beam or len(keep) == beam:
+                    break
+            if len(finished) >= beam or not keep:
+                break
+            idx = torch.tensor(keep, device=src.device)
+            hidden = h[:, idx].contiguous()
+            scores, seqs, attns = torch.tensor(new_scores, device=src.device), new_seqs, new_attns
+            token = torch.tensor([s[-1] for s in seqs], device=src.device).unsqueeze(1)
+        best = max(finished, key=lambda f: f[0])
+        return best[1], torch.stack(best[2])
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def corpus_bleu(hypotheses, references, max_n=4):
+    """Corpus-level BLEU-4 (Papineni et al. 2002) on whitespace tokens, one reference each:
+    n-gram counts clipped by the reference's and summed over the corpus for n = 1..4, their
+    geometric mean, times the brevity penalty exp(1 - r/c) when the output is shorter."""
+    clipped, total = [0] * max_n, [0] * max_n
+    hyp_len = ref_len = 0
+    for hyp, ref in zip(hypotheses, references):
+        hyp_len, ref_len = hyp_len + len(hyp), ref_len + len(ref)
+        for n in range(1, max_n + 1):
+            h = Counter(tuple(hyp[i:i + n]) for i in range(len(hyp) - n + 1))
+            r = Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
+            clipped[n - 1] += sum(min(count, r[gram]) for gram, count in h.items())
+            total[n - 1] += max(0, len(hyp) - n + 1)
+    if hyp_len == 0 or min(clipped) == 0:
+        return 0.0
+    log_precision = sum(math.log(c / t) for c, t in zip(clipped, total)) / max_n
+    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return brevity * math.exp(log_precision)
+
+
+def strip_eos(ids):
+    return ids[:ids.index(EOS)] if EOS in ids else ids
+
+
+def translate_split(model, pairs, src_vocab, tgt_vocab, device, max_len, beam=1, batch_size=500):
+    """Decode every source of a split: batched greedy, or beam search one sentence at a time."""
+    model.eval()
+    outputs = []
+    for i in range(0, len(pairs), batch_size):
+        src, src_len, _ = to_tensors(pairs[i:i + batch_size], src_vocab, tgt_vocab, device)
+        if beam > 1:
+            outputs += [tgt_vocab.decode(strip_eos(model.beam_search(src[j:j + 1, :src_len[j]], src_len[j:j + 1], beam, max_len)[0]))
+                        for j in range(len(src))]
+        else:
+            tokens, _ = model.greedy(src, src_len, max_len)
+            outputs += [tgt_vocab.decode(strip_eos(row)) for row in tokens.tolist()]
+    bleu = corpus_bleu([o.split() for o in outputs], [t.split() for _, t in pairs])
+    exact = sum(o == t for o, (_, t) in zip(outputs, pairs)) / len(pairs)
+    return bleu, exact, outputs
+
+
+def batches(n_pairs, src_len, batch_size, generator):
+    """Shuffled batches of similar source length (bucketing): shuffle, sort chunks of 50 batches
+    by length, cut into batches, shuffle the batches. Less padding, less wasted compute."""
+    order = torch.randperm(n_pairs, generator=generator)
+    chunk = 50 * batch_size
+    out = []
+    for i in range(0, n_pairs, chunk):
+        idx = order[i:i + chunk]
+        idx = idx[src_len[idx].cpu().argsort()]
+        out += list(idx.split(batch_size))
+    return [out[j] for j in torch.randperm(len(out), generator=generator)]
+
+
+def use_bf16(device, choice):
+    """bf16 autocast for training: auto means CUDA."""
+    if choice != "auto":
+        return choice == "on"
+    return device.type == "cuda"  # measured: on CPU these small matmuls run slower in bf16 (casts cost more than they save)
+
+
+def save_checkpoint(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device):
+    """A seq2seq checkpoint and its model, or one line saying what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"no checkpoint at {path}: run python seq2seq/train.py first")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "seq2seq":
+        fail(f"{path} is not a seq2seq checkpoint (it was written by another script): train one with python seq2seq/train.py")
+    model = Seq2Seq(**ckpt["model_args"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    return ckpt, model.eval(), Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"])
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="builtin", help="builtin, or a file of tab-separated pairs: eng-fra.txt or the tutorial's data.zip (default: %(default)s)")
+    parser.add_argument("--pairs", type=int, default=20000, help="builtin: distinct pairs to generate (default: %(default)s)")
+    parser.add_argument("--reverse", action="store_true", help="translate column 1 -> column 2 (English -> French); default is French -> English as in the tutorial")
+    parser.add_argument("--all-pairs", action="store_true", help="files: keep pairs whatever their English side starts with (for chatbot data)")
+    parser.add_argument("--max-length", type=int, default=None, help="keep pairs with both sides under this many words (default: 10 for files, as the tutorial; 16 for builtin)")
+    parser.add_argument("--min-count", type=int, default=1, help="words seen fewer times in training become <unk> (default: %(default)s)")
+    parser.add_argument("--test-frac", type=float, default=0.1, help="held-out test split (default: %(default)s)")
+    parser.add_argument("--val-frac", type=float, default=0.05, help="validation split, picks the best epoch (default: %(default)s)")
+    parser.add_argument("--hidden", type=int, default=128, help="embedding and GRU size (default: %(default)s)")
+    parser.add_argument("--layers", type=int, default=1, help="GRU layers (default: %(default)s)")
+    parser.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=True, help="bidirectional encoder (default: %(default)s)")
+    parser.add_argument("--attention", default="general", choices=["none", "bahdanau", "dot", "general", "concat"], help="(default: %(default)s)")
+    parser.add_argument("--dropout", type=float, default=0.1, help="(default: %(default)s)")
+    parser.add_argument("--teacher-forcing", type=float, default=1.0, help="share of batches fed the true previous word (default: %(default)s)")
+    parser.add_argument("--reverse-source", action="store_true", help="feed the source backwards (Sutskever et al. 2014)")
+    parser.add_argument("--epochs", type=int, default=4, help="(default: %(default)s)")
+    parser.add_argument("--time-limit", type=float, default=0, help="stop training after this many seconds, 0 for none (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default: %(default)s)")
+    parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (default: %(default)s)")
+    parser.add_argument("--beam", type=int, default=1, help="beam size for the final test evaluation; 1 is greedy (default: %(default)s)")
+    parser.add_argument("--bf16", default="auto", choices=["auto", "on", "off"], help="bf16 autocast for training; auto: on CUDA only (default: %(default)s)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "seq2seq.pt"), help="checkpoint path (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    args = parser.parse_args()
+    print("settings:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    seed_everything(args.seed)
+    device = get_device(args.device)
+    args.max_length = args.max_length or (16 if args.data == "builtin" else 10)
+
+    # ---- data: (English, French) pairs -> (source, target), split, vocabularies
+    if args.data == "builtin":
+        pairs = builtin_pairs(args.pairs, args.seed, args.max_length)
+    else:
+        raw = read_pairs_file(args.data)
+        pairs = [(e, f) for e, f in raw if len(e.split()) < args.max_length and len(f.split()) < args.max_length
+                 and (args.all_pairs or e.startswith(ENG_PREFIXES))]
+        print(f"read {len(raw):,} pairs from {args.data}; {len(pairs):,} pass the filter; {len(set(pairs)):,} distinct")
+        pairs = sorted(set(pairs))  # duplicates removed, so no test pair is also a training pair
+    pairs = [(e, f) if args.reverse else (f, e) for e, f in pairs]
+    if args.reverse_source:  # Sutskever et al. 2014 sec. 3.3: reversed input shortens early dependencies
+        pairs = [(" ".join(s.split()[::-1]), t) for s, t in pairs]
+    if len(pairs) < 20:
+        fail(f"only {len(pairs)} usable pairs in {args.data}: need at least 20 under --max-length {args.max_length}")
+    train_pairs, val_pairs, test_pairs = split_pairs(pairs, args.val_frac, args.test_frac, args.seed)
+    src_vocab = Vocab.build([s for s, _ in train_pairs], args.min_count)  # from training pairs only
+    tgt_vocab = Vocab.build([t for _, t in train_pairs], args.min_count)
+    print(f"data: {len(train_pairs)} train / {len(val_pairs)} val / {len(test_pairs)} test pairs; "
+          f"vocabularies {len(src_vocab)} source, {len(tgt_vocab)} target words")
+    for s, t in train_pairs[:3]:
+        print(f"  example: {s}  ->  {t}")
+    src, src_len, tgt = to_tensors(train_pairs, src_vocab, tgt_vocab, device)
+    tgt_len = (tgt != PAD).sum(1)
+
+    # ---- model
+    model_args = dict(src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab), hidden=args.hidden, layers=args.layers,
+                      bidirectional=args.bidirectional, attention=args.attention, dropout=args.dropout)
+    model = Seq2Seq(**model_args).to(device)
+    # fused=True: one kernel updates every parameter, instead of a handful of ops per tensor
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))
+    bf16 = use_bf16(device, args.bf16)
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, attention {args.attention}, on {device}")
+
+    # ---- training
+    out, best_bleu, train_time, seen = Path(args.out), -1.0, 0.0, 0
+    generator = torch.Generator().manual_seed(args.seed)
+    max_len = args.max_length + 1  # decoding budget: the longest target plus <eos>
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        t0, loss_sum, n_batches = time.time(), torch.zeros((), device=device), 0
+        for idx in batches(len(train_pairs), src_len, args.batch_size, generator):
+            idx = idx.to(device)
+            S, T = int(src_len[idx].max()), int(tgt_len[idx].max())  # trim padding to this batch's longest
+            b_src, b_len, b_tgt = src[idx, :S], src_len[idx], tgt[idx, :T]
+            tgt_in = torch.cat([torch.full_like(b_tgt[:, :1], SOS), b_tgt[:, :-1]], 1)  # shifted right: <sos> w1 w2 ...
+            keep = b_tgt != PAD  # (B, T): the real target positions
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                if random.random() < args.teacher_forcing:  # decided per batch, as in the chatbot tutorial
+                    logits = model(b_src, b_len, tgt_in, keep)  # (N, V)
+                else:
+                    logits = model.free_running(b_src, b_len, T, keep)
+                # Masked loss: only real positions count, so padding does not dilute short sentences.
+                loss = F.cross_entropy(logits.float(), b_tgt[keep])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip)  # keeps an exploding RNN gradient in check
+            optimizer.step()
+            loss_sum += loss.detach()
+            n_batches += 1
+            seen += len(idx)
+            if args.time_limit and train_time + time.time() - t0 > args.time_limit:
+                break
+        dt = time.time() - t0
+        train_time += dt
+        bleu, exact, outputs = translate_split(model, val_pairs, src_vocab, tgt_vocab, device, max_len)
+        remaining = train_time / epoch * (args.epochs - epoch)
+        print(f"epoch {epoch}/{args.epochs} | loss {loss_sum.item() / n_batches:.4f} | {n_batches * args.batch_size / dt:,.0f} pairs/s | "
+              f"{1000 * dt / n_batches:.1f} ms/step | elapsed {train_time:.0f}s | eta {remaining:.0f}s | val BLEU {bleu:.4f} exact {100 * exact:.1f}%")
+        for (s, t), o in list(zip(val_pairs, outputs))[:2]:
+            print(f"  > {s}\n  = {t}\n  < {o}")
+        if bleu > best_bleu:
+            best_bleu = bleu
+            save_checkpoint({
+                "kind": "seq2seq",  # sample.py refuses checkpoints of other scripts
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
+                "src_vocab": src_vocab.words, "tgt_vocab": tgt_vocab.words, "max_length": args.max_length,
+                "reverse_source": args.reverse_source, "epoch": epoch, "best_val_bleu": best_bleu, "config": vars(args),
+            }, out)
+        if args.time_limit and train_time > args.time_limit:
+            print(f"time limit of {args.time_limit:.0f}s reached")
+            break
+
+    # ---- the best epoch on the test split, which neither training nor model selection saw
+    ckpt, model, _, _ = load_checkpoint(out, device)
+    bleu, exact, outputs = translate_split(model, test_pairs, src_vocab, tgt_vocab, device, max_len, beam=args.beam)
+    print(f"test ({len(test_pairs)} held-out pairs, {'beam ' + str(args.beam) if args.beam > 1 else 'greedy'}): "
+          f"BLEU {bleu:.4f} exact match {100 * exact:.1f}% (best epoch {ckpt['epoch']})")
+    for (s, t), o in list(zip(test_pairs, outputs))[:4]:
+        print(f"  > {s}\n  = {t}\n  < {o}")
+    print(f"result: test_bleu={bleu:.4f} test_exact={100 * exact:.2f} val_bleu={best_bleu:.4f} attention={args.attention} "
+          f"pairs_per_s={seen / max(train_time, 1e-9):.0f} train_seconds={train_time:.1f}")
+
+
+if __name__ == "__main__":
+    main()
