@@ -69,12 +69,17 @@ def test_blitz_lessons_assert_their_claims():
     assert "result:" in out
 
 
+def trained(name, script, *args):
+    """Train once with small settings and share (checkpoint, stdout) among the tests that need it."""
+    if name not in _trained:
+        ckpt = TMP / f"{name}.pt"
+        out, _ = run(script, *args, "--out", ckpt)
+        _trained[name] = (ckpt, out)
+    return _trained[name]
+
+
 def blitz_checkpoint():
-    if "blitz" not in _trained:
-        ckpt = TMP / "blitz.pt"
-        out, _ = run("blitz/train.py", "--epochs", 5, "--train-size", 6000, "--out", ckpt)
-        _trained["blitz"] = (ckpt, out)
-    return _trained["blitz"]
+    return trained("blitz", "blitz/train.py", "--epochs", 5, "--train-size", 6000)
 
 
 def test_blitz_train_learns():
@@ -105,12 +110,8 @@ def test_blitz_sample_bad_checkpoints():
 
 
 def classifier_checkpoint():
-    if "classifier" not in _trained:
-        ckpt = TMP / "classifier.pt"
-        out, _ = run("classifier/train.py", "--train-size", 4000, "--test-size", 1000, "--val-size", 500,
-                     "--epochs", 6, "--width", 8, "--batch-size", 64, "--out", ckpt)
-        _trained["classifier"] = (ckpt, out)
-    return _trained["classifier"]
+    return trained("classifier", "classifier/train.py", "--train-size", 4000, "--test-size", 1000, "--val-size", 500,
+                   "--epochs", 6, "--width", 8, "--batch-size", 64)
 
 
 def test_classifier_learns_shapes():
@@ -255,11 +256,7 @@ def test_bleu_hand_computed():
 
 
 def seq2seq_checkpoint():
-    if "seq2seq" not in _trained:
-        ckpt = TMP / "seq2seq.pt"
-        out, _ = run("seq2seq/train.py", "--pairs", 4000, "--epochs", 4, "--hidden", 96, "--out", ckpt)
-        _trained["seq2seq"] = (ckpt, out)
-    return _trained["seq2seq"]
+    return trained("seq2seq", "seq2seq/train.py", "--pairs", 4000, "--epochs", 4, "--hidden", 96)
 
 
 def test_seq2seq_learns_to_translate():
