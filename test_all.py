@@ -284,6 +284,33 @@ def test_seq2seq_beam_one_equals_greedy():
     assert len(wide) >= 1
 
 
+def test_seq2seq_written_out_bahdanau_step_matches_nn_gru():
+    # The fast Bahdanau decoder writes the GRU equations out; it must equal attending with the
+    # previous state and calling nn.GRU on [word; context] one step at a time, gradients included.
+    import torch
+    s2s = import_script("seq2seq/train.py")
+    for layers in (1, 2):
+        torch.manual_seed(layers)
+        model = s2s.Seq2Seq(30, 40, hidden=16, layers=layers, bidirectional=False, attention="bahdanau").eval()
+        src, src_len = torch.randint(4, 30, (3, 5)), torch.tensor([5, 2, 4])
+        src[1, 2:] = src[2, 4:] = s2s.PAD
+        tokens = torch.randint(4, 40, (3, 6))
+        enc_out, hidden = model.encoder(src, src_len)
+        memory = model.decoder.memory(enc_out, src_len)
+        fast, fast_h, fast_w = model.decoder(tokens, hidden, memory)
+        dec, x, h, steps, weights = model.decoder, model.decoder.embedding(tokens), hidden, [], []
+        for t in range(tokens.shape[1]):
+            context, w = dec.attention(h[-1].unsqueeze(1), dec.attention.keys(enc_out), enc_out, memory[2])
+            o, h = dec.gru(torch.cat([x[:, t:t + 1], context], -1), h)
+            steps.append(o)
+            weights.append(w)
+        slow = torch.cat(steps, 1)
+        assert torch.allclose(fast, slow, atol=1e-5) and torch.allclose(fast_h, h, atol=1e-5)
+        assert torch.allclose(fast_w, torch.cat(weights, 1), atol=1e-6) and fast_w[1, :, 2:].abs().max() == 0  # no weight on padding
+        grads = [torch.autograd.grad(y.square().sum(), list(dec.gru.parameters()), retain_graph=True) for y in (fast, slow)]
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*grads))
+
+
 def test_seq2seq_other_attentions_and_free_running_train():
     for extra in (["--attention", "bahdanau", "--teacher-forcing", "0.5", "--no-bidirectional"],
                   ["--attention", "concat", "--layers", "2", "--reverse-source", "--beam", "3"]):
