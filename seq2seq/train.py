@@ -28,6 +28,7 @@ import time
 import unicodedata
 import zipfile
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -414,10 +415,9 @@ class Decoder(nn.Module):
         return torch.stack(outs, 1), torch.stack(h), torch.cat(ws, 1)  # (B, T, H), (L, B, H), (B, T, S)
 
     def project(self, features):  # (..., H) -> (..., V) logits over the target vocabulary
-        if self.bf16_output:  # the largest product of the model (N x H x V); see use_bf16
-            with torch.autocast(features.device.type, dtype=torch.bfloat16):
-                return self.out(self.dropout(features))
-        return self.out(self.dropout(features))
+        # The largest product of the model (N x H x V): with bf16_output it alone runs in bf16 (see use_bf16).
+        with torch.autocast(features.device.type, dtype=torch.bfloat16) if self.bf16_output else nullcontext():
+            return self.out(self.dropout(features))
 
 
 class Seq2Seq(nn.Module):
