@@ -346,6 +346,23 @@ def test_seq2seq_bad_inputs():
     fails_with("seq2seq/sample.py", "--checkpoint", TMP / "none.pt", "x", message=r"run python seq2seq/train.py first")
 
 
+def test_seq2seq_eng_fra_download_is_checked():
+    # --data eng-fra reads the tutorial's data.zip only if its SHA-256 matches, and keeps no bad download.
+    bad = TMP / "eng_fra_bad"
+    bad.mkdir(exist_ok=True)
+    (bad / "data.zip").write_bytes(b"not the tutorial's zip")
+    fails_with("seq2seq/train.py", "--data", "eng-fra", "--data-dir", bad, message=r"data.zip has the wrong SHA-256 .*delete it")
+    s2s = import_script("seq2seq/train.py")
+    s2s.ENG_FRA_URL = (bad / "data.zip").resolve().as_uri()  # a "download" of the wrong bytes
+    fresh = TMP / "eng_fra_fresh"
+    try:
+        s2s.fetch_eng_fra(fresh)
+        raise AssertionError("a download with the wrong SHA-256 was accepted")
+    except SystemExit as e:
+        assert "wrong SHA-256" in str(e) and "nothing was kept" in str(e), e
+    assert not any(fresh.iterdir())
+
+
 def test_seq2seq_reads_tab_separated_file():
     data = TMP / "pairs.txt"  # tutorial format with a third column, as newer Tatoeba exports have
     rows = [f"{e.capitalize()}.\t{f.capitalize()}.\tCC-BY 2.0 (France) Attribution: tatoeba.org"

@@ -8,7 +8,8 @@ and beam-search decoding, corpus BLEU-4 on a held-out split, and attention maps.
 
     python seq2seq/train.py                                   # built-in French->English corpus: BLEU 0.9996, ~50 s on 2 CPU cores
     python seq2seq/train.py --attention none                  # the same without attention, for comparison
-    python seq2seq/train.py --data data.zip                   # the tutorial's eng-fra data (zip or eng-fra.txt)
+    python seq2seq/train.py --data eng-fra                    # the tutorial's data.zip, downloaded once and SHA-256-checked
+    python seq2seq/train.py --data data.zip                   # a copy you have (the zip or eng-fra.txt, or any pairs)
     python seq2seq/sample.py "elle est plus grande que moi ."  # translate with the checkpoint
 
 Speed: with Luong attention (dot/general/concat) and full teacher forcing the decoder GRU
@@ -19,6 +20,7 @@ product (Decoder.bahdanau_steps). Batches are bucketed by length, so little is p
 output layer sees only real target positions, in bf16 where the hardware has it.
 """
 import argparse
+import hashlib
 import math
 import os
 import random
@@ -26,6 +28,7 @@ import re
 import sys
 import time
 import unicodedata
+import urllib.request
 import zipfile
 from collections import Counter
 from contextlib import nullcontext
@@ -239,6 +242,39 @@ def read_pairs_file(path):
     if not pairs:
         fail(f"{path} is empty: expected lines of 'sentence<TAB>translation'")
     return pairs
+
+
+ENG_FRA_URL = "https://download.pytorch.org/tutorial/data.zip"  # the translation tutorial's download
+ENG_FRA_SHA256 = "fb317e80248faeb62dc25ef3390ae24ca34b94e276bbc5141fd8862c2200bff5"
+
+
+def fetch_eng_fra(data_dir):
+    """The tutorial's data.zip in data_dir, downloaded when missing. A download is checked
+    before it takes the name data.zip, and an existing file is checked before it is read."""
+    path = Path(data_dir) / "data.zip"
+    if not path.is_file():
+        print(f"downloading {ENG_FRA_URL} (2.9 MB) to {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_suffix(".part")
+        try:
+            urllib.request.urlretrieve(ENG_FRA_URL, part)
+        except OSError as e:
+            fail(f"could not download the tutorial's data ({e}); offline? fetch {ENG_FRA_URL} elsewhere and pass it with --data")
+        if sha256sum(part) != ENG_FRA_SHA256:
+            part.unlink()
+            fail(f"the download from {ENG_FRA_URL} has the wrong SHA-256 (expected {ENG_FRA_SHA256}); nothing was kept")
+        os.replace(part, path)
+    if sha256sum(path) != ENG_FRA_SHA256:
+        fail(f"{path} has the wrong SHA-256 (expected {ENG_FRA_SHA256}): delete it to download it again")
+    return path
+
+
+def sha256sum(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def split_pairs(pairs, val_frac, test_frac, seed):
@@ -622,7 +658,9 @@ def load_checkpoint(path, device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="builtin", help="builtin, or a file of tab-separated pairs: eng-fra.txt or the tutorial's data.zip (default: %(default)s)")
+    parser.add_argument("--data", default="builtin", help="builtin; eng-fra (the tutorial's data.zip, downloaded to --data-dir when missing); "
+                        "or a file of tab-separated pairs: eng-fra.txt, the tutorial's data.zip, any other (default: %(default)s)")
+    parser.add_argument("--data-dir", default=str(Path(__file__).parent / "data"), help="where --data eng-fra keeps data.zip (default: %(default)s)")
     parser.add_argument("--pairs", type=int, default=20000, help="builtin: distinct pairs to generate (default: %(default)s)")
     parser.add_argument("--reverse", action="store_true", help="translate column 1 -> column 2 (English -> French); default is French -> English as in the tutorial")
     parser.add_argument("--all-pairs", action="store_true", help="files: keep pairs whatever their English side starts with (for chatbot data)")
@@ -657,7 +695,7 @@ def main():
     if args.data == "builtin":
         pairs = builtin_pairs(args.pairs, args.seed, args.max_length)
     else:
-        raw = read_pairs_file(args.data)
+        raw = read_pairs_file(fetch_eng_fra(args.data_dir) if args.data == "eng-fra" else args.data)
         pairs = [(e, f) for e, f in raw if len(e.split()) < args.max_length and len(f.split()) < args.max_length
                  and (args.all_pairs or e.startswith(ENG_PREFIXES))]
         print(f"read {len(raw):,} pairs from {args.data}; {len(pairs):,} pass the filter; {len(set(pairs)):,} distinct")
