@@ -372,6 +372,159 @@ def test_seq2seq_reads_tab_separated_file():
     assert re.search(r"read 800 pairs from .*; \d+ pass the filter", out) and "result:" in out
 
 
+# ============================================================================= tonenet
+
+
+def write_test_midi(path, file_type=1):
+    """A small MIDI file with what real files hold: a tempo change, velocity-0 note-offs, two
+    overlapping notes of one key, one key struck twice in one grid cell, the sustain pedal, a
+    program change, a drum track and a note below the piano. 96 ticks a beat: 24 ticks a sixteenth."""
+    import mido
+    M, Meta = mido.Message, mido.MetaMessage
+    tempo = [Meta("set_tempo", tempo=500000, time=0), Meta("set_tempo", tempo=250000, time=192), Meta("end_of_track", time=0)]
+    piano = [(0, M("program_change", program=0)), (0, M("note_on", note=60, velocity=100)), (48, M("note_on", note=60, velocity=0)),
+             (96, M("note_on", note=64, velocity=80)), (120, M("note_on", note=64, velocity=70)), (144, M("note_off", note=64)),
+             (192, M("note_off", note=64)), (192, M("control_change", control=64, value=127)), (192, M("note_on", note=67, velocity=90)),
+             (216, M("note_off", note=67)), (288, M("control_change", control=64, value=0)), (288, M("note_on", note=69, velocity=50)),
+             (290, M("note_on", note=69, velocity=110)), (300, M("note_on", note=10, velocity=99)), (310, M("note_off", note=69)),
+             (320, M("note_off", note=69)), (330, M("note_off", note=10))]
+    drums = [(0, M("note_on", channel=9, note=38, velocity=120)), (24, M("note_off", channel=9, note=38))]
+    mid = mido.MidiFile(type=1, ticks_per_beat=96)
+    mid.tracks.append(mido.MidiTrack(tempo))
+    for events in (piano, drums):
+        track, now = mido.MidiTrack(), 0
+        for tick, msg in events:
+            track.append(msg.copy(time=tick - now))
+            now = tick
+        mid.tracks.append(track)
+    if file_type == 0:
+        mid = mido.MidiFile(type=0, ticks_per_beat=96, tracks=[mido.merge_tracks(mid.tracks)])
+    mid.save(path)
+    return path
+
+
+def test_tonenet_encoding_of_written_midi():
+    import numpy as np
+    tn = import_script("tonenet/train.py")
+    rolls = []
+    for file_type in (0, 1):
+        mid = tn.open_midi(write_test_midi(TMP / f"enc{file_type}.mid", file_type))
+        notes = tn.read_notes(mid)
+        roll, vel, step = tn.encode(notes, mid.ticks_per_beat, 4)
+        rolls.append((roll, vel))
+        C4, E4, G4, A4 = 60 - 21, 64 - 21, 67 - 21, 69 - 21
+        assert roll[0, C4].tolist() == [1, 1] and vel[0, C4] == 100  # struck
+        assert roll[1, C4].tolist() == [0, 1] and roll[2, C4].tolist() == [0, 0]  # held, then released by velocity 0
+        assert roll[4, E4].tolist() == [1, 1] and roll[5, E4].tolist() == [1, 1] and vel[5, E4] == 70  # overlapping strikes
+        assert roll[7, E4, 1] == 1 and roll[8, E4, 1] == 0  # first in, first out: the second note ends at tick 192
+        assert roll[8, G4].tolist() == [1, 1] and roll[11, G4, 1] == 1 and roll[12, G4, 1] == 0  # pedal holds it to tick 288
+        assert vel[12, A4] == 110  # two strikes in one cell: the louder is kept
+        assert int(roll[..., 0].sum()) == 5 and len(step) == 6  # two A4s share a cell; no drum note, nothing below A0
+        assert abs(tn.seconds_of(mid, np.array([192]))[0] - 1.0) < 1e-9  # two beats at 120 bpm
+        assert abs(tn.seconds_of(mid, np.array([288]))[0] - 1.25) < 1e-9  # then 240 bpm
+        no_pedal, _, _ = tn.encode(tn.read_notes(mid, pedal=False), mid.ticks_per_beat, 4)
+        assert no_pedal[9, G4, 1] == 0
+    assert all((a == b).all() for a, b in zip(*rolls))  # type 0 and type 1 read the same
+
+
+def tonenet_checkpoint():
+    return trained("tonenet", "tonenet/train.py", "--pieces", 60, "--epochs", 30)
+
+
+def test_tonenet_learns_builtin_styles():
+    ckpt, out = tonenet_checkpoint()
+    losses = epoch_losses(out)
+    assert len(losses) == 30 and losses[-1] < 0.5 * losses[0], losses
+    r = result(out)
+    # the style-mean baseline is ~14 MIDI units on these rules; a model that learned them is far below
+    assert r["mae"] < 0.6 * r["style_mean_mae"], r
+    assert r["lyrical_corr"] > 0.6 and r["groove_corr"] > 0.6, r
+
+
+def test_tonenet_stylenet_baseline_runs():
+    out, _ = run("tonenet/train.py", "--model", "stylenet", "--pieces", 12, "--epochs", 1, "--out", TMP / "stylenet.pt")
+    assert "model: stylenet" in out and "result: model=stylenet" in out
+
+
+def test_tonenet_sample_changes_only_velocities():
+    import mido
+    ckpt, _ = tonenet_checkpoint()
+    source = write_test_midi(TMP / "perform_me.mid")
+    before = source.read_bytes()
+    performed = TMP / "performed.mid"
+    out, _ = run("tonenet/sample.py", source, "--style", "groove", "--out", performed, "--checkpoint", ckpt)
+    assert source.read_bytes() == before and "model time" in out and "loudest" in out
+    a, b = mido.MidiFile(source), mido.MidiFile(performed)
+    assert (a.type, a.ticks_per_beat, len(a.tracks)) == (b.type, b.ticks_per_beat, len(b.tracks))
+    changed = 0
+    for ta, tb in zip(a.tracks, b.tracks):
+        assert len(ta) == len(tb)
+        for ma, mb in zip(ta, tb):
+            piano_on = ma.type == "note_on" and ma.velocity > 0 and ma.channel != 9 and 21 <= ma.note <= 108
+            if piano_on:
+                assert mb.type == "note_on" and 1 <= mb.velocity <= 127 and ma.copy(velocity=mb.velocity) == mb
+                changed += ma.velocity != mb.velocity
+            else:
+                assert ma == mb, (ma, mb)  # timing, pedal, tempo, program, drums, note-offs: untouched
+    assert changed >= 3
+    out, _ = run("tonenet/sample.py", "--out", TMP / "builtin.mid", "--checkpoint", ckpt)  # a built-in piece, every style
+    assert (TMP / "builtin_lyrical.mid").is_file() and (TMP / "builtin_groove.mid").is_file()
+    assert out.count("-> loudest") == 4 and ("\u2588" in out or "\u2593" in out)
+
+
+def test_tonenet_bad_inputs():
+    ckpt, _ = tonenet_checkpoint()
+    good = write_test_midi(TMP / "good.mid")
+    text = TMP / "text.mid"
+    text.write_text("this is not MIDI\n")
+    truncated = TMP / "truncated.mid"
+    truncated.write_bytes(good.read_bytes()[:40])
+    silent = TMP / "silent.mid"
+    import mido
+    mido.MidiFile(tracks=[mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=500000)])]).save(silent)
+    fails_with("tonenet/sample.py", text, "--checkpoint", ckpt, message=r"text.mid is not a readable MIDI file")
+    fails_with("tonenet/sample.py", truncated, "--checkpoint", ckpt, message=r"truncated.mid is not a readable MIDI file")
+    fails_with("tonenet/sample.py", silent, "--checkpoint", ckpt, message=r"silent.mid has no piano notes")
+    fails_with("tonenet/sample.py", good, "--style", "jazz", "--checkpoint", ckpt, message=r"unknown style 'jazz'.*lyrical, groove")
+    before = good.read_bytes()
+    fails_with("tonenet/sample.py", good, "--style", "groove", "--out", good, "--checkpoint", ckpt, message=r"is the input file")
+    assert good.read_bytes() == before
+    fails_with("tonenet/sample.py", TMP / "nowhere.mid", "--checkpoint", ckpt, message=r"no such file")
+    fails_with("tonenet/sample.py", good, "--checkpoint", TMP / "none.pt", message=r"run python tonenet/train.py first")
+    blitz_ckpt, _ = blitz_checkpoint()
+    fails_with("tonenet/sample.py", good, "--checkpoint", blitz_ckpt, message=r"not a tonenet checkpoint")
+    fails_with("tonenet/train.py", "--data", TMP / "no_such_folder", message=r"is not a folder")
+    empty = TMP / "midi_empty"
+    empty.mkdir(exist_ok=True)
+    fails_with("tonenet/train.py", "--data", empty, message=r"has no style sub-folders")
+    (empty / "jazz").mkdir(exist_ok=True)
+    fails_with("tonenet/train.py", "--data", empty, message=r"jazz has no readable MIDI file")
+    (empty / "jazz" / "junk.mid").write_text("junk")
+    _, err = run("tonenet/train.py", "--data", empty, expect_ok=False)
+    lines = err.strip().splitlines()  # a warning naming the skipped file, then the error
+    assert "Traceback" not in err and "skipping" in lines[0] and "junk.mid" in lines[0], err
+    assert re.search(r"error: style folder .*jazz has no readable MIDI file", lines[-1]), err
+
+
+def test_tonenet_reads_a_folder_of_styles():
+    data = TMP / "styles"
+    for style, velocity in (("soft", 40), ("loud", 100)):
+        (data / style).mkdir(parents=True, exist_ok=True)
+        for i in range(4):
+            import mido
+            mid = mido.MidiFile(type=0, ticks_per_beat=96)
+            track = mido.MidiTrack()
+            for k in range(40):
+                track += [mido.Message("note_on", note=48 + (k * 5 + i) % 24, velocity=velocity + (k % 3), time=0 if k == 0 else 24),
+                          mido.Message("note_off", note=48 + (k * 5 + i) % 24, time=24)]
+            mid.tracks.append(track)
+            mid.save(data / style / f"piece{i}.mid")
+    (data / "loud" / "broken.mid").write_bytes(b"MThd\x00\x00")
+    out, err = run("tonenet/train.py", "--data", data, "--epochs", 3, "--window", 64, "--out", TMP / "folder.pt")
+    assert "read 8 MIDI files" in out and "broken.mid" in err and "data: soft: 2 train / 1 val / 1 test files" in out, out[:1500]
+    assert "result: model=tonenet" in out
+
+
 # ============================================================================= runner
 
 

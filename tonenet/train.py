@@ -1,0 +1,610 @@
+"""ToneNet: learn how a piano piece is performed (the velocity of every note) in a style.
+
+ToneNet (Jayakumar, Ramesh and Thalasta 2017), after StyleNet (Malik and Ek 2017, "Neural
+translation of musical style"), separates composition from performance: from the notes alone
+(which keys are struck or held at each step) it predicts how loudly each note is played, with
+one decoder per style. Re-performing a piece with another style's decoder "transfers" it.
+
+    python tonenet/train.py                               # built-in pieces in two styles; MAE ~3 against ~12, ~1 min on 2 CPU cores
+    python tonenet/train.py --model stylenet              # the StyleNet baseline: BiLSTM and a linear head per style, no attention
+    python tonenet/train.py --data piano_midi             # one sub-folder of .mid files per style (classical/, pop/, ...)
+    python tonenet/sample.py piece.mid --style pop --out performed.mid
+
+The pipeline: MIDI -> note events (mido; tracks merged, sustain pedal applied) -> a grid of
+--steps-per-beat cells per beat: notes (T, 88, 2) with [1,1] struck, [0,1] held, [0,0] silent,
+and velocities (T, 88) at the struck cells -> windows of --window steps -> the network ->
+mean squared error on velocity/127 at struck cells only.
+
+Speed: the decoder reads the encoder states, not its own earlier outputs, so every LSTM runs
+over the whole window in one call and attention is one batched matrix product; there is no
+Python loop over time. The data set lives on the device as uint8 and a batch is one index.
+"""
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import mido
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
+from common import get_device, seed_everything
+
+LOWEST, KEYS = 21, 88  # the piano: MIDI notes 21 (A0) to 108 (C8)
+DRUMS = 9  # MIDI channel 10, counted from 0
+
+
+def fail(message):
+    """A problem the user can fix: one line on stderr, exit status 1, no traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------- MIDI in
+
+
+def open_midi(path):
+    """A mido.MidiFile, or a one-line reason why the file cannot be read (raised as ValueError)."""
+    try:
+        return mido.MidiFile(path)
+    except Exception as e:  # mido raises OSError, EOFError, ValueError, KeyError... on bad files
+        raise ValueError(f"not a readable MIDI file ({type(e).__name__}: {str(e)[:60]})") from None
+
+
+def read_notes(mid, pedal=True):
+    """Every piano note of a mido.MidiFile as arrays over notes:
+    onset and end (in ticks), key (0-87), velocity (1-127), and where its note_on message is
+    (track, index), so that sample.py can rewrite exactly that message later.
+
+    Type 0 and type 1 files alike: the tracks are merged by absolute time. A note_on with
+    velocity 0 is a note-off. Overlapping notes of one key on one channel are paired first in,
+    first out (a note-off ends the oldest sounding one). With the sustain pedal (CC64 >= 64) down,
+    a released note rings on until the pedal goes up or its key is struck again. The drum channel
+    and keys outside the piano are left out."""
+    events = []  # (tick, order, track, index, message): note-offs before pedal before note-ons at one tick
+    for t, track in enumerate(mid.tracks):
+        tick = 0
+        for i, msg in enumerate(track):
+            tick += msg.time
+            if msg.type in ("note_on", "note_off") and msg.channel != DRUMS and LOWEST <= msg.note < LOWEST + KEYS:
+                on = msg.type == "note_on" and msg.velocity > 0
+                events.append((tick, 2 if on else 0, t, i, msg))
+            elif msg.type == "control_change" and msg.control == 64 and pedal:
+                events.append((tick, 1, t, i, msg))
+    events.sort(key=lambda e: e[:4])
+    sounding = {}  # (channel, key) -> list of open note numbers, oldest first
+    ringing = {}  # (channel, key) -> note numbers released under the pedal, still sounding
+    pedal_down = [False] * 16
+    notes = []  # [onset, end, key, velocity, track, index]
+    for tick, order, t, i, msg in events:
+        if order == 1:  # sustain pedal
+            pedal_down[msg.channel] = msg.value >= 64
+            if not pedal_down[msg.channel]:
+                for (ch, key), held in list(ringing.items()):
+                    if ch == msg.channel:
+                        for n in held:
+                            notes[n][1] = tick
+                        del ringing[(ch, key)]
+            continue
+        slot = (msg.channel, msg.note - LOWEST)
+        if order == 2:
+            for n in ringing.pop(slot, []):  # striking a key again stops its pedalled sound
+                notes[n][1] = tick
+            sounding.setdefault(slot, []).append(len(notes))
+            notes.append([tick, None, slot[1], msg.velocity, t, i])
+        elif sounding.get(slot):
+            n = sounding[slot].pop(0)
+            if pedal_down[msg.channel]:
+                ringing.setdefault(slot, []).append(n)
+            else:
+                notes[n][1] = tick
+    last = max([e[0] for e in events], default=0)
+    for n in notes:  # never released (or still under the pedal at the end): sound to the last event
+        if n[1] is None or n[1] < n[0]:
+            n[1] = max(last, n[0])
+    a = np.array(notes, dtype=np.int64).reshape(-1, 6)
+    return dict(onset=a[:, 0], end=a[:, 1], key=a[:, 2], velocity=a[:, 3], track=a[:, 4], index=a[:, 5])
+
+
+def seconds_of(mid, ticks):
+    """Seconds at each tick through the tempo map (set_tempo in any track; 120 bpm until the first)."""
+    changes, tick = [], 0
+    for track in mid.tracks:
+        tick = 0
+        for msg in track:
+            tick += msg.time
+            if msg.type == "set_tempo":
+                changes.append((tick, msg.tempo))
+    changes = sorted(changes) or [(0, 500000)]
+    if changes[0][0] > 0:
+        changes.insert(0, (0, 500000))
+    starts = np.array([c[0] for c in changes])
+    tempos = np.array([c[1] for c in changes], dtype=np.float64) / 1e6 / mid.ticks_per_beat  # seconds per tick
+    at_start = np.concatenate([[0], np.cumsum(np.diff(starts) * tempos[:-1])])
+    seg = np.searchsorted(starts, ticks, side="right") - 1
+    return at_start[seg] + (ticks - starts[seg]) * tempos[seg]
+
+
+def encode(notes, ticks_per_beat, steps_per_beat):
+    """ToneNet's input and target on a grid of steps_per_beat cells per beat:
+    roll (T, 88, 2) uint8: [1,1] struck in this cell, [0,1] held from before, [0,0] silent;
+    velocity (T, 88) uint8, set where a key is struck; step (N,) the cell of each note."""
+    step = np.rint(notes["onset"] * steps_per_beat / ticks_per_beat).astype(np.int64)
+    stop = np.maximum(np.rint(notes["end"] * steps_per_beat / ticks_per_beat).astype(np.int64), step + 1)
+    T = int(stop.max()) + 1 if len(step) else 1
+    key = notes["key"]
+    held = np.zeros((T + 1, KEYS), np.int32)  # +1 at the onset, -1 after the end; cumsum -> sounding
+    np.add.at(held, (step, key), 1)
+    np.add.at(held, (stop, key), -1)
+    roll = np.zeros((T, KEYS, 2), np.uint8)
+    roll[:, :, 1] = np.cumsum(held, 0)[:T] > 0
+    roll[step, key, 0] = 1
+    velocity = np.zeros((T, KEYS), np.uint8)
+    # Two onsets of one key in one cell: keep the louder, the strike a listener hears.
+    np.maximum.at(velocity, (step, key), notes["velocity"].astype(np.uint8))
+    return roll, velocity, step
+
+
+def load_piece(path, steps_per_beat, pedal):
+    """(roll, velocity) of one file, or ValueError with the reason it cannot be used."""
+    mid = open_midi(path)
+    notes = read_notes(mid, pedal)
+    if len(notes["onset"]) == 0:
+        raise ValueError("has no piano notes")
+    roll, velocity, _ = encode(notes, mid.ticks_per_beat, steps_per_beat)
+    return roll, velocity
+
+
+# ----------------------------------------------------------------------------- built-in pieces
+# The script composes small piano pieces (a melody over an accompaniment, in varied keys, meters
+# and textures) and performs each in one of two styles by rules that depend on the notes alone:
+#   lyrical: every 4-bar phrase swells and fades (an arch, 50 -> 80 -> 50), the melody sings
+#            16 above the accompaniment, downbeats +5.
+#   groove:  the melody is even (78, +6 on the beat); the accompaniment is accented on the
+#            off-beat eighths (90), soft on the beat (60), with ghost notes on the odd sixteenths
+#            (32); the bass on a downbeat is 84.
+# Both add Gaussian noise (sd 3), so the best possible MAE is about 2.4.
+
+STYLES = ("lyrical", "groove")
+MAJOR, MINOR = (0, 2, 4, 5, 7, 9, 11), (0, 2, 3, 5, 7, 8, 10)
+PROGRESSIONS = ([0, 3, 4, 0], [0, 5, 3, 4], [0, 3, 0, 4], [5, 3, 0, 4], [0, 4, 5, 3])  # scale degrees, one chord a bar
+RHYTHMS = {16: ([4, 4, 4, 4], [4, 2, 2, 4, 4], [2, 2, 2, 2, 4, 4], [6, 2, 4, 4], [4, 4, 2, 2, 2, 2], [8, 4, 4]),  # 4/4, in sixteenths
+           12: ([4, 4, 4], [4, 2, 2, 4], [6, 2, 4], [2, 2, 4, 4], [8, 4])}  # 3/4
+
+
+def compose(rng, style, ticks_per_beat=480):
+    """One piece as a two-track mido.MidiFile (melody, accompaniment), performed in `style`."""
+    bar = rng.choice([16, 16, 12])  # steps (sixteenths) per bar: 4/4 or 3/4
+    scale = MAJOR if rng.random() < 0.6 else MINOR
+    tonic = 48 + rng.randrange(12)
+    texture = rng.choice(["block", "alberti", "arpeggio", "oompah", "sustained"])
+    phrases = rng.randint(3, 6)
+    tempo = rng.randint(70, 140)
+    pitch = lambda degree, octave=0: tonic + 12 * (octave + degree // 7) + scale[degree % 7]
+    notes = []  # (start step, length in steps, pitch, voice) with voice 0 melody, 1 accompaniment, 2 bass
+    degree = 7 + rng.choice([0, 2, 4])
+    for p in range(phrases):
+        chords = rng.choice(PROGRESSIONS)
+        for b, root in enumerate(chords):
+            t0 = (4 * p + b) * bar
+            if b == 3:  # a cadence: the phrase ends on one long note, then a breath
+                rhythm = [bar - 4, 4] if rng.random() < 0.5 else [bar]
+            else:
+                rhythm = list(rng.choice(RHYTHMS[bar]))
+            t = t0
+            for k, length in enumerate(rhythm):
+                if b == 3 and k == 1:
+                    break  # the rest after the cadence note
+                if k == 0:  # chord tone on the downbeat
+                    degree = min([root + 7, root + 9, root + 11, root + 14], key=lambda d: abs(d - degree))
+                else:
+                    degree = max(5, min(16, degree + rng.choice([-2, -1, -1, 1, 1, 2, 0, 3, -3])))
+                notes.append((t, length, pitch(degree, 1), 0))
+                t += length
+            chord = [pitch(root), pitch(root + 2), pitch(root + 4)]
+            bass = pitch(root, -1)
+            if texture == "block":  # the chord on every beat
+                for s in range(0, bar, 4):
+                    notes += [(t0 + s, 4, n, 1) for n in chord] + [(t0 + s, 4, bass, 2)]
+            elif texture == "alberti":  # low-high-middle-high in sixteenths
+                for s in range(0, bar):
+                    notes.append((t0 + s, 1, chord[[0, 2, 1, 2][s % 4]], 2 if s == 0 else 1))
+            elif texture == "arpeggio":  # rising eighths, a sixteenth pickup on each beat's last
+                for s in range(0, bar, 2):
+                    notes.append((t0 + s, 2, [bass, chord[0], chord[1], chord[2]][(s // 2) % 4], 2 if s == 0 else 1))
+                    if s % 4 == 2:
+                        notes.append((t0 + s + 1, 1, chord[2] + 12 - 12 * (rng.random() < 0.5), 1))
+            elif texture == "oompah":  # bass on the beat, chord on the off-beat eighth, a ghost before the beat
+                for s in range(0, bar, 4):
+                    notes.append((t0 + s, 2, bass if s % 8 == 0 else pitch(root + 4, -1), 2))
+                    notes += [(t0 + s + 2, 1, n, 1) for n in chord[1:]]
+                    notes.append((t0 + s + 3, 1, chord[0], 1))
+            else:  # sustained chord and bass, a sixteenth figure on the last beat
+                notes += [(t0, bar, n, 1) for n in chord] + [(t0, bar, bass, 2)]
+                notes += [(t0 + bar - 4 + s, 1, chord[s % 3] + 12, 1) for s in (1, 2, 3)]
+    length = 4 * phrases * bar
+    rows = []
+    for start, dur, key, voice in notes:
+        rows.append((start, dur, key, voice, perform(rng, style, start, voice, bar, length)))
+    mid = mido.MidiFile(type=1, ticks_per_beat=ticks_per_beat)
+    per_step = ticks_per_beat // 4
+    meta = mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=mido.bpm2tempo(tempo), time=0),
+                           mido.MetaMessage("time_signature", numerator=bar // 4, denominator=4, time=0)])
+    mid.tracks.append(meta)
+    for voices, name in (((0,), "melody"), ((1, 2), "accompaniment")):
+        timed = []
+        for start, dur, key, voice, vel in rows:
+            if voice in voices:
+                timed.append((start * per_step, 1, key, vel))
+                timed.append(((start + dur) * per_step - per_step // 8, 0, key, 0))  # released just before the next cell
+        timed.sort()
+        track, now = mido.MidiTrack([mido.MetaMessage("track_name", name=name, time=0)]), 0
+        for tick, on, key, vel in timed:
+            track.append(mido.Message("note_on" if on else "note_off", note=key, velocity=vel if on else 0, time=tick - now))
+            now = tick
+        mid.tracks.append(track)
+    return mid
+
+
+def perform(rng, style, step, voice, bar, length):
+    """A note's velocity by the style's rules (see the banner above), with noise; None: a flat 64."""
+    if style is None:
+        return 64
+    if style == "lyrical":
+        phrase = 4 * bar
+        arch = math.sin(math.pi * ((step % phrase) + 0.5) / phrase)  # 0 at the phrase's ends, 1 in its middle
+        v = 50 + 30 * arch + (16 if voice == 0 else 0) + (5 if step % bar == 0 else 0)
+    else:
+        if voice == 0:
+            v = 78 + (6 if step % 4 == 0 else 0)
+        elif voice == 2 and step % bar == 0:
+            v = 84
+        else:
+            v = {0: 60, 2: 90}.get(step % 4, 32)  # on the beat, the off-beat eighth, the odd sixteenths
+    return int(min(127, max(1, round(v + rng.gauss(0, 3)))))
+
+
+def builtin_pieces(n, seed, steps_per_beat):
+    """n pieces per style: {style: [(name, roll, velocity), ...]}."""
+    rng = random.Random(seed)
+    out = {}
+    for style in STYLES:
+        out[style] = []
+        for i in range(n):
+            mid = compose(rng, style)
+            notes = read_notes(mid)
+            roll, velocity, _ = encode(notes, mid.ticks_per_beat, steps_per_beat)
+            out[style].append((f"{style}_{i:03d}", roll, velocity))
+    return out
+
+
+def folder_pieces(data, steps_per_beat, pedal):
+    """{style: [(name, roll, velocity), ...]} from DIR/<style>/*.mid; unreadable files are skipped."""
+    root = Path(data)
+    if not root.is_dir():
+        fail(f"--data {data} is not a folder: give a folder with one sub-folder of .mid files per style")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        fail(f"--data {data} has no style sub-folders: put each style's .mid files in DIR/<style>/")
+    out, t0 = {}, time.time()
+    for folder in folders:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".mid", ".midi"))
+        pieces = []
+        for path in files:
+            try:
+                roll, velocity = load_piece(path, steps_per_beat, pedal)
+                pieces.append((path.name, roll, velocity))
+            except ValueError as e:
+                print(f"warning: skipping {path}: {e}", file=sys.stderr)
+        if not pieces:
+            fail(f"style folder {folder} has no readable MIDI file with notes")
+        if len(pieces) < 3:
+            fail(f"style folder {folder} has only {len(pieces)} usable file(s): need at least 3 (train, validation, test)")
+        out[folder.name] = pieces
+    print(f"read {sum(map(len, out.values()))} MIDI files in {time.time() - t0:.1f}s: "
+          + ", ".join(f"{s} {len(p)}" for s, p in out.items()))
+    return out
+
+
+def split_files(pieces, val_frac, test_frac, seed):
+    """Split each style by file (seeded): no file is in two splits."""
+    splits = {"train": {}, "val": {}, "test": {}}
+    for style, items in pieces.items():
+        items = list(items)
+        random.Random(seed).shuffle(items)
+        n_test = max(1, round(test_frac * len(items)))
+        n_val = max(1, round(val_frac * len(items)))
+        splits["test"][style] = items[:n_test]
+        splits["val"][style] = items[n_test:n_test + n_val]
+        splits["train"][style] = items[n_test + n_val:]
+    return splits
+
+
+def windows(items, window, stride):
+    """Cut pieces into windows of `window` steps (the last one padded with silence):
+    roll (N, W, 88, 2) uint8, velocity (N, W, 88) uint8, and (piece, start) of each window."""
+    rolls, vels, where = [], [], []
+    for p, (_, roll, vel) in enumerate(items):
+        T = len(roll)
+        for start in range(0, max(T - window, 0) + stride, stride):
+            if start > 0 and start >= T:
+                break
+            r = np.zeros((window, KEYS, 2), np.uint8)
+            v = np.zeros((window, KEYS), np.uint8)
+            n = min(window, T - start)
+            r[:n], v[:n] = roll[start:start + n], vel[start:start + n]
+            rolls.append(r)
+            vels.append(v)
+            where.append((p, start))
+    return torch.from_numpy(np.stack(rolls)), torch.from_numpy(np.stack(vels)), where
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Encoder(nn.Module):
+    """A linear layer over the 176 note features of each step, then a bidirectional LSTM."""
+
+    def __init__(self, hidden, layers, dropout):
+        super().__init__()
+        self.inp = nn.Linear(KEYS * 2, hidden)
+        self.lstm = nn.LSTM(hidden, hidden, layers, batch_first=True, bidirectional=True, dropout=dropout if layers > 1 else 0)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, roll):  # (B, T, 88, 2) in {0, 1}
+        x = self.drop(torch.relu(self.inp(roll.flatten(2))))  # (B, T, H)
+        out, _ = self.lstm(x)
+        return self.drop(out)  # (B, T, 2H): each step sees the whole window, past and future
+
+
+class LuongDecoder(nn.Module):
+    """One style's decoder: an LSTM over the encoder states, Luong "general" attention over the
+    whole window (Luong, Pham and Manning 2015, sec. 3.1), 88 velocities per step."""
+
+    def __init__(self, hidden, dropout):
+        super().__init__()
+        self.lstm = nn.LSTM(2 * hidden, hidden, batch_first=True)
+        self.score = nn.Linear(2 * hidden, hidden, bias=False)  # W_a of score(h_t, h_s) = h_t^T W_a h_s
+        self.combine = nn.Linear(3 * hidden, hidden)  # W_c of h~_t = tanh(W_c [c_t; h_t])  (eq. 5)
+        self.out = nn.Linear(hidden, KEYS)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, enc, mask):  # enc (B, T, 2H), mask (B, T) True at real steps
+        h, _ = self.lstm(enc)  # (B, T, H): one call over the whole window
+        scores = h @ self.score(enc).transpose(1, 2)  # (B, T, T): step t against every step s
+        weights = scores.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)
+        context = weights @ enc  # (B, T, 2H)
+        h_tilde = torch.tanh(self.combine(torch.cat([context, h], -1)))  # (B, T, H)
+        return self.out(self.drop(h_tilde)), weights  # logits (B, T, 88)
+
+
+class LinearHead(nn.Module):
+    """StyleNet's per-style output (Malik and Ek 2017): a linear layer on the encoder states."""
+
+    def __init__(self, hidden, dropout):
+        super().__init__()
+        self.out = nn.Linear(2 * hidden, KEYS)
+
+    def forward(self, enc, mask):
+        return self.out(enc), None
+
+
+class ToneNet(nn.Module):
+    """A shared encoder and one head per style; model="stylenet" swaps the attention decoders
+    for linear heads. Velocities come out as sigmoid(logit) * 127."""
+
+    def __init__(self, styles, hidden=64, layers=2, dropout=0.2, model="tonenet"):
+        super().__init__()
+        self.encoder = Encoder(hidden, layers, dropout)
+        head = LuongDecoder if model == "tonenet" else LinearHead
+        self.heads = nn.ModuleList(head(hidden, dropout) for _ in styles)
+
+    def forward(self, roll, style, mask):
+        """roll (B, T, 88, 2), style (B,) style index of each window -> velocity (B, T, 88) in 0..127."""
+        enc = self.encoder(roll)
+        logits = torch.empty(enc.shape[:2] + (KEYS,), device=enc.device, dtype=enc.dtype)
+        for s, head in enumerate(self.heads):  # each style's windows go through that style's decoder
+            idx = (style == s).nonzero().squeeze(1)
+            if len(idx):
+                logits[idx] = head(enc[idx], mask[idx])[0].to(logits.dtype)
+        return torch.sigmoid(logits.float()) * 127
+
+    def perform(self, roll, style_index, window, batch_size=64):
+        """Velocities (T, 88) for a whole piece (T, 88, 2) in one style, window by window."""
+        T = len(roll)
+        n = -(-T // window)
+        x = torch.zeros(n * window, KEYS, 2, device=roll.device, dtype=torch.float32)
+        x[:T] = roll
+        x = x.view(n, window, KEYS, 2)
+        mask = torch.zeros(n * window, dtype=torch.bool, device=roll.device)
+        mask[:T] = True
+        mask = mask.view(n, window)
+        out = torch.cat([self(x[i:i + batch_size], torch.full((len(x[i:i + batch_size]),), style_index, device=roll.device),
+                              mask[i:i + batch_size]) for i in range(0, n, batch_size)])
+        return out.reshape(n * window, KEYS)[:T]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def pearson(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-9))
+
+
+@torch.no_grad()
+def evaluate(model, split, styles, window, device, train_means):
+    """Per style, over every struck note of the split's files: the model's MAE (MIDI units) and
+    Pearson correlation, and three baselines on the same notes: a constant 64, the style's mean
+    training velocity, and each file's own mean velocity (an oracle told each file's loudness)."""
+    model.eval()
+    report = {}
+    for s, style in enumerate(styles):
+        preds, trues, file_means = [], [], []
+        for _, roll, vel in split[style]:
+            roll_t = torch.from_numpy(roll).to(device)
+            vel_t = torch.from_numpy(vel).to(device).float()
+            struck = roll_t[..., 0].bool()
+            pred = model.perform(roll_t.float(), s, window)
+            preds.append(pred[struck])
+            trues.append(vel_t[struck])
+            file_means.append(vel_t[struck].mean().expand(int(struck.sum())))
+        p, t, fm = torch.cat(preds), torch.cat(trues), torch.cat(file_means)
+        report[style] = dict(mae=float((p - t).abs().mean()), corr=pearson(p, t), notes=len(t),
+                             const64=float((t - 64).abs().mean()), style_mean=float((t - train_means[style]).abs().mean()),
+                             file_mean=float((t - fm).abs().mean()), file_mean_corr=pearson(fm, t))
+    model.train()
+    return report
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device):
+    """A tonenet checkpoint and its model, or one line saying what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"no checkpoint at {path}: run python tonenet/train.py first")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "tonenet":
+        fail(f"{path} is not a tonenet checkpoint (it was written by another script): train one with python tonenet/train.py")
+    model = ToneNet(**ckpt["model_args"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    return ckpt, model.eval()
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="builtin", help="builtin, or a folder with one sub-folder of .mid files per style (default: %(default)s)")
+    parser.add_argument("--pieces", type=int, default=120, help="builtin: pieces composed per style (default: %(default)s)")
+    parser.add_argument("--model", default="tonenet", choices=["tonenet", "stylenet"], help="Luong-attention decoders, or StyleNet's linear heads (default: %(default)s)")
+    parser.add_argument("--steps-per-beat", type=int, default=4, help="grid cells per beat; 4 is sixteenth notes (default: %(default)s)")
+    parser.add_argument("--window", type=int, default=200, help="steps per training window, as in StyleNet and ToneNet (default: %(default)s)")
+    parser.add_argument("--pedal", action=argparse.BooleanOptionalAction, default=True, help="lengthen notes held by the sustain pedal (default: %(default)s)")
+    parser.add_argument("--test-frac", type=float, default=0.15, help="held-out test files per style (default: %(default)s)")
+    parser.add_argument("--val-frac", type=float, default=0.1, help="validation files per style, picks the best epoch (default: %(default)s)")
+    parser.add_argument("--hidden", type=int, default=64, help="LSTM size (default: %(default)s)")
+    parser.add_argument("--layers", type=int, default=2, help="encoder LSTM layers (default: %(default)s)")
+    parser.add_argument("--dropout", type=float, default=0.2, help="(default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=24, help="(default: %(default)s)")
+    parser.add_argument("--time-limit", type=float, default=0, help="stop training after this many seconds, 0 for none (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch; small batches give more updates a minute (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate; ToneNet used 1e-3, which at batch 8 needs about twice the epochs (default: %(default)s)")
+    parser.add_argument("--clip", type=float, default=10.0, help="gradient norm clipping (default: %(default)s)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "tonenet.pt"), help="checkpoint path (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    args = parser.parse_args()
+    print("settings:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    seed_everything(args.seed)
+    device = get_device(args.device)
+    if args.window < 8 or args.steps_per_beat < 1:
+        fail("--window must be at least 8 and --steps-per-beat at least 1")
+
+    # ---- data: pieces per style, split by file, cut into windows that live on the device
+    if args.data == "builtin":
+        pieces = builtin_pieces(args.pieces, args.seed, args.steps_per_beat)
+    else:
+        pieces = folder_pieces(args.data, args.steps_per_beat, args.pedal)
+    styles = list(pieces)
+    split = split_files(pieces, args.val_frac, args.test_frac, args.seed)
+    train_means = {}
+    parts = []
+    for s, style in enumerate(styles):
+        roll, vel, _ = windows(split["train"][style], args.window, args.window // 2)  # half-overlapping windows
+        parts.append((roll, vel, torch.full((len(roll),), s)))
+        train_means[style] = float(np.concatenate([v[r[..., 0] == 1] for _, r, v in split["train"][style]]).mean())
+    roll = torch.cat([p[0] for p in parts]).to(device)  # (N, W, 88, 2) uint8
+    vel = torch.cat([p[1] for p in parts]).to(device)  # (N, W, 88) uint8
+    style_of = torch.cat([p[2] for p in parts]).to(device)  # (N,)
+    mask = torch.ones(roll.shape[:2], dtype=torch.bool, device=device)  # padding is silence: nothing struck, no loss
+    for style in styles:
+        print(f"data: {style}: {len(split['train'][style])} train / {len(split['val'][style])} val / {len(split['test'][style])} test files, "
+              f"mean training velocity {train_means[style]:.1f}")
+    print(f"data: {len(roll)} training windows of {args.window} steps ({args.window / args.steps_per_beat:.0f} beats)")
+
+    # ---- model
+    model_args = dict(styles=styles, hidden=args.hidden, layers=args.layers, dropout=args.dropout, model=args.model)
+    model = ToneNet(**model_args).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # LSTMs in bf16 on CUDA
+    print(f"model: {args.model}, {sum(p.numel() for p in model.parameters()):,} parameters, {len(styles)} style heads, on {device}")
+
+    # ---- training
+    out, best, train_time, seen = Path(args.out), float("inf"), 0.0, 0
+    generator = torch.Generator().manual_seed(args.seed)
+    for epoch in range(1, args.epochs + 1):
+        t0, loss_sum, n_batches = time.time(), torch.zeros((), device=device), 0
+        for idx in torch.randperm(len(roll), generator=generator).split(args.batch_size):  # every style in each batch
+            idx = idx.to(device)
+            x, target = roll[idx].float(), vel[idx].float() / 127
+            struck = x[..., 0].bool()  # (B, W, 88): only struck keys have a velocity
+            with amp:
+                pred = model(x, style_of[idx], mask[idx]) / 127
+            loss = F.mse_loss(pred[struck], target[struck])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            optimizer.step()
+            loss_sum += loss.detach()
+            n_batches += 1
+            seen += len(idx)
+            if args.time_limit and train_time + time.time() - t0 > args.time_limit:
+                break
+        dt = time.time() - t0
+        train_time += dt
+        report = evaluate(model, split["val"], styles, args.window, device, train_means)
+        val_mae = sum(r["mae"] for r in report.values()) / len(report)
+        remaining = train_time / epoch * (args.epochs - epoch)
+        if args.time_limit:
+            remaining = max(0.0, min(remaining, args.time_limit - train_time))
+        print(f"epoch {epoch}/{args.epochs} | loss {loss_sum.item() / n_batches:.4f} | {n_batches * args.batch_size / dt:,.0f} windows/s | "
+              f"{1000 * dt / n_batches:.1f} ms/step | elapsed {train_time:.0f}s | eta {remaining:.0f}s | val MAE "
+              + " ".join(f"{s} {r['mae']:.2f}" for s, r in report.items()))
+        if val_mae < best:
+            best = val_mae
+            save_checkpoint({
+                "kind": "tonenet",  # sample.py refuses checkpoints of other scripts
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
+                "styles": styles, "steps_per_beat": args.steps_per_beat, "window": args.window, "pedal": args.pedal,
+                "train_means": train_means, "epoch": epoch, "best_val_mae": best, "config": vars(args),
+            }, out)
+        if args.time_limit and train_time > args.time_limit:
+            print(f"time limit of {args.time_limit:.0f}s reached")
+            break
+
+    # ---- the best epoch on the held-out test files
+    ckpt, model = load_checkpoint(out, device)
+    report = evaluate(model, split["test"], styles, args.window, device, train_means)
+    print(f"test (held-out files, best epoch {ckpt['epoch']}): velocity MAE in MIDI units over struck notes")
+    print(f"  {'style':<12}{'notes':>8}{args.model:>10}{'corr':>7}{'const 64':>10}{'style mean':>12}{'file mean*':>12}")
+    for style, r in report.items():
+        print(f"  {style:<12}{r['notes']:>8}{r['mae']:>10.2f}{r['corr']:>7.3f}{r['const64']:>10.2f}{r['style_mean']:>12.2f}{r['file_mean']:>12.2f}")
+    print("  * an oracle told each test file's true mean velocity")
+    fields = [f"{s}_{k}={r[k]:.3f}" for s, r in report.items() for k in ("mae", "corr", "const64", "style_mean", "file_mean")]
+    print(f"result: model={args.model} mae={sum(r['mae'] for r in report.values()) / len(report):.3f} "
+          f"style_mean_mae={sum(r['style_mean'] for r in report.values()) / len(report):.3f} {' '.join(fields)} "
+          f"windows_per_s={seen / max(train_time, 1e-9):.0f} train_seconds={train_time:.1f}")
+
+
+if __name__ == "__main__":
+    main()
