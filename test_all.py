@@ -525,6 +525,183 @@ def test_tonenet_reads_a_folder_of_styles():
     assert "result: model=tonenet" in out
 
 
+# ============================================================================= umtn
+
+UMTN_SMALL = ["--melodies", 12, "--seconds", 2, "--enc-blocks", 1, "--enc-layers", 6, "--dec-layers", 5, "--segment", 1024,
+              "--batch-size", 6, "--eval-seconds", 0.25, "--log-every", 20]
+
+
+def test_umtn_mu_law_round_trip():
+    import torch
+    um = import_script("umtn/train.py")
+    q = torch.arange(256)
+    assert torch.equal(um.mu_law_encode(um.mu_law_decode(q)), q)  # every class survives decode -> encode
+    x = torch.linspace(-1, 1, 20001)
+    err = (um.mu_law_decode(um.mu_law_encode(x)) - x).abs()
+    assert err.max() < 0.022 and err[x.abs() < 0.01].max() < 4e-4  # steps of ~0.04 near full scale, 50 times finer near silence
+    assert um.mu_law_encode(torch.tensor([0.0])).item() in (127, 128)
+
+
+def write_wav_kinds(folder):
+    """The same 440 Hz tone as every common WAV kind; 24-bit is written by hand (scipy cannot)."""
+    import struct
+    import numpy as np
+    from scipy.io import wavfile
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for rate in (8000, 22050):
+        t = np.arange(rate // 2) / rate
+        tone = 0.5 * np.sin(2 * np.pi * 440 * t)
+        kinds = {"u8": (tone * 127 + 128).astype(np.uint8), "i16": (tone * 32767).astype(np.int16),
+                 "i32": (tone * 2 ** 31).astype(np.int32), "f32": tone.astype(np.float32), "f64": tone}
+        for name, data in kinds.items():
+            for channels in (1, 2):
+                path = folder / f"{name}_{rate}_{channels}ch.wav"
+                wavfile.write(path, rate, data if channels == 1 else np.stack([data, data], 1))
+                files[path] = rate
+        pcm = (tone * 2 ** 23).astype(np.int32)
+        raw = b"".join(int(v).to_bytes(3, "little", signed=True) for v in pcm)
+        path = folder / f"i24_{rate}_1ch.wav"
+        path.write_bytes(b"RIFF" + struct.pack("<I", 36 + len(raw)) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 3, 3, 24)
+                         + b"data" + struct.pack("<I", len(raw)) + raw)
+        files[path] = rate
+    return files
+
+
+def test_umtn_reads_every_wav_kind():
+    import numpy as np
+    um = import_script("umtn/train.py")
+    files = write_wav_kinds(TMP / "wavs")
+    assert len(files) == 22
+    for path in files:
+        x = um.read_wav(path, 8000)
+        assert x.dtype == np.float32 and x.ndim == 1 and abs(len(x) - 4000) <= 1, (path.name, x.shape)
+        peak = np.abs(x[500:-500]).max()
+        assert 0.45 < peak < 0.55, (path.name, peak)  # the same amplitude whatever the format
+        f0 = um.pitch_track(x, 8000)
+        assert np.median(f0[f0 > 0]) == 8000 / round(8000 / 440), path.name  # still 440 Hz after resampling
+
+
+def test_umtn_decoder_is_causal_and_fast_generation_equals_naive():
+    import torch
+    um = import_script("umtn/train.py")
+    torch.manual_seed(0)
+    model = um.UMTN(["a", "b", "c"], enc_channels=8, enc_blocks=1, enc_layers=3, latent=4, pool=8,
+                    dec_channels=8, skip_channels=8, dec_blocks=2, dec_layers=3).double().eval()
+    dec = model.decoders[0]
+    prev, z = torch.randint(0, 256, (2, 48)), torch.randn(2, 4, 6, dtype=torch.float64)
+    changed = prev.clone()
+    changed[:, 30] = (changed[:, 30] + 77) % 256
+    a, b = dec(prev, z), dec(changed, z)
+    assert torch.equal(a[:, :30], b[:, :30]), "a later sample changed an earlier output"
+    assert not torch.equal(a[:, 30:], b[:, 30:])
+    z = torch.randn(3, 2, 4, 10, dtype=torch.float64)  # three decoders, two clips each
+    u = torch.rand(3, 2, 80, dtype=torch.float64)
+    fast = um.generate(list(model.decoders), z, 80, 0.8, u)
+    naive = um.generate(list(model.decoders), z, 80, 0.8, u, naive=True)
+    assert torch.equal(fast, naive) and len(set(fast.flatten().tolist())) > 20
+
+
+def umtn_checkpoint():
+    return trained("umtn", "umtn/train.py", *UMTN_SMALL, "--steps", 140)
+
+
+def test_umtn_training_learns():
+    ckpt, out = umtn_checkpoint()
+    r = result(out)
+    assert r["first_bits"] > 7.5 and r["bits_per_sample"] < 5.5, r  # 8 bits per sample is a uniform guess
+    losses = [float(x) for x in re.findall(r"^step .*?\| loss ([\d.]+) bits", out, re.M)]
+    assert len(losses) == 7 and losses[-1] < losses[0], losses
+    assert "log-spectral dist" in out and "baseline: latent of silence" in out
+
+
+def test_umtn_domain_confusion_hides_the_domain():
+    # without confusion the classifier learns to name the domain from the latent; with it, its loss stays near chance
+    runs = {}
+    for lam in (0, 0.1):
+        out, _ = run("umtn/train.py", *UMTN_SMALL, "--steps", 60, "--dc-lambda", lam, "--eval-seconds", 0, "--out", TMP / f"dc{lam}.pt")
+        losses = [float(x) for x in re.findall(r"domain loss ([\d.]+)", out)]
+        runs[lam] = sum(losses[-2:]) / 2
+    chance = math.log(3)
+    assert runs[0] < 0.8 * chance and runs[0.1] > 0.9 * chance and runs[0.1] > runs[0] + 0.15, runs
+
+
+def test_umtn_sample_writes_one_wav_per_domain():
+    import numpy as np
+    from scipy.io import wavfile
+    ckpt, _ = umtn_checkpoint()
+    source = next(p for p in write_wav_kinds(TMP / "wavs") if p.name == "i16_22050_2ch.wav")
+    before = source.read_bytes()
+    out, _ = run("umtn/sample.py", source, "--to", "all", "--out", TMP / "translated.wav", "--checkpoint", ckpt, "--chunk", 0.2)
+    assert source.read_bytes() == before and "real-time factor" in out
+    for domain in ("pluck", "organ", "reed"):
+        rate, x = wavfile.read(TMP / f"translated_{domain}.wav")
+        assert rate == 4000 and x.dtype == np.int16 and abs(len(x) - 2000) <= 1 and np.abs(x).max() > 0  # 0.5 s at the model's rate
+    out, _ = run("umtn/sample.py", "--to", "organ", "--out", TMP / "example_organ.wav", "--checkpoint", ckpt, "--seconds", 0.5)
+    assert (TMP / "example_organ.wav").is_file()
+
+
+def test_umtn_torchrun_two_processes():
+    ckpt = TMP / "umtn_ddp.pt"
+    p = subprocess.run([str(a) for a in [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "umtn/train.py", *UMTN_SMALL, "--steps", 20, "--eval-seconds", 0, "--out", ckpt]],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    r = result(p.stdout)
+    assert r["world"] == 2 and r["bits_per_sample"] < r["first_bits"], r
+    assert p.stdout.count("result:") == 1 and ckpt.is_file()  # only rank 0 reports and saves
+
+
+def test_umtn_bad_inputs():
+    import numpy as np
+    from scipy.io import wavfile
+    ckpt, _ = umtn_checkpoint()
+    text = TMP / "text.wav"
+    text.write_text("not audio")
+    empty = TMP / "empty.wav"
+    wavfile.write(empty, 8000, np.zeros(0, np.int16))
+    silent = TMP / "silent.wav"
+    wavfile.write(silent, 8000, np.zeros(800, np.int16))
+    good = TMP / "good.wav"
+    wavfile.write(good, 8000, (3000 * np.sin(np.arange(4000) * 0.3)).astype(np.int16))
+    truncated = TMP / "truncated.wav"
+    truncated.write_bytes(good.read_bytes()[:30])
+    fails_with("umtn/sample.py", text, "--checkpoint", ckpt, message=r"text.wav is not a readable WAV file")
+    fails_with("umtn/sample.py", truncated, "--checkpoint", ckpt, message=r"truncated.wav is not a readable WAV file")
+    fails_with("umtn/sample.py", empty, "--checkpoint", ckpt, message=r"empty.wav is empty")
+    fails_with("umtn/sample.py", silent, "--checkpoint", ckpt, message=r"silent.wav is silent")
+    fails_with("umtn/sample.py", good, "--to", "banjo", "--checkpoint", ckpt, message=r"unknown domain 'banjo'.*pluck, organ, reed")
+    before = good.read_bytes()
+    fails_with("umtn/sample.py", good, "--to", "organ", "--out", good, "--checkpoint", ckpt, message=r"is the input file")
+    assert good.read_bytes() == before
+    fails_with("umtn/sample.py", TMP / "nowhere.wav", "--checkpoint", ckpt, message=r"no such file")
+    fails_with("umtn/sample.py", good, "--checkpoint", TMP / "none.pt", message=r"run python umtn/train.py first")
+    tonenet_ckpt, _ = tonenet_checkpoint()
+    fails_with("umtn/sample.py", good, "--checkpoint", tonenet_ckpt, message=r"not a umtn checkpoint")
+    one = TMP / "one_domain"
+    (one / "violin").mkdir(parents=True, exist_ok=True)
+    for i in range(3):
+        wavfile.write(one / "violin" / f"{i}.wav", 8000, (3000 * np.sin(np.arange(4000) * 0.2 * (i + 1))).astype(np.int16))
+    fails_with("umtn/train.py", "--data", one, message=r"has 1 usable domain\(s\): need at least 2")
+    fails_with("umtn/train.py", "--data", TMP / "no_such_folder", message=r"is not a folder")
+
+
+def test_umtn_reads_a_folder_of_domains():
+    import numpy as np
+    from scipy.io import wavfile
+    data = TMP / "instruments"
+    t = np.arange(3 * 8000) / 8000
+    for name, partials in (("flute", (1,)), ("clarinet", (1, 3, 5))):
+        (data / name).mkdir(parents=True, exist_ok=True)
+        for i, f0 in enumerate((220, 262, 330)):
+            tone = sum(np.sin(2 * np.pi * k * f0 * t) / k for k in partials) * 0.3
+            wavfile.write(data / name / f"{i}.wav", 16000 if i else 8000, np.repeat(tone, 2 if i else 1).astype(np.float32))
+    (data / "flute" / "broken.wav").write_bytes(b"RIFF")
+    out, err = run("umtn/train.py", "--data", data, *UMTN_SMALL, "--steps", 20, "--out", TMP / "folder_umtn.pt")
+    assert "broken.wav" in err and "data: clarinet 2 train / 1 test clips, flute 2 train / 1 test clips" in out, out[:1500]
+    assert "result:" in out
+
+
 # ============================================================================= runner
 
 

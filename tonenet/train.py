@@ -344,6 +344,18 @@ def windows(items, window, stride):
     return torch.from_numpy(np.stack(rolls)), torch.from_numpy(np.stack(vels)), where
 
 
+def shift_keys(roll, target, shift):
+    """Move a batch (B, T, 88, 2) and its velocities (B, T, 88) by `shift` keys; keys pushed off
+    the keyboard are dropped, so nothing wraps around."""
+    if shift == 0:
+        return roll, target
+    roll, target = roll.roll(shift, 2), target.roll(shift, 2)
+    gone = slice(0, shift) if shift > 0 else slice(KEYS + shift, KEYS)
+    roll[:, :, gone] = 0
+    target[:, :, gone] = 0
+    return roll, target
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -502,6 +514,7 @@ def main():
     parser.add_argument("--pedal", action=argparse.BooleanOptionalAction, default=True, help="lengthen notes held by the sustain pedal (default: %(default)s)")
     parser.add_argument("--test-frac", type=float, default=0.15, help="held-out test files per style (default: %(default)s)")
     parser.add_argument("--val-frac", type=float, default=0.1, help="validation files per style, picks the best epoch (default: %(default)s)")
+    parser.add_argument("--transpose", type=int, default=3, help="training batches are moved up or down by up to this many keys, 0 for none (default: %(default)s)")
     parser.add_argument("--hidden", type=int, default=64, help="LSTM size (default: %(default)s)")
     parser.add_argument("--layers", type=int, default=2, help="encoder LSTM layers (default: %(default)s)")
     parser.add_argument("--dropout", type=float, default=0.2, help="(default: %(default)s)")
@@ -557,6 +570,8 @@ def main():
         for idx in torch.randperm(len(roll), generator=generator).split(args.batch_size):  # every style in each batch
             idx = idx.to(device)
             x, target = roll[idx].float(), vel[idx].float() / 127
+            if args.transpose:  # augmentation: the same performance a few keys higher or lower
+                x, target = shift_keys(x, target, int(torch.randint(-args.transpose, args.transpose + 1, (), generator=generator)))
             struck = x[..., 0].bool()  # (B, W, 88): only struck keys have a velocity
             with amp:
                 pred = model(x, style_of[idx], mask[idx]) / 127

@@ -1,0 +1,136 @@
+"""Translate audio into another instrument with the checkpoint umtn/train.py wrote.
+
+    python umtn/sample.py                                  # a built-in pluck melody, into every domain
+    python umtn/sample.py input.wav --to organ --out out.wav
+    python umtn/sample.py input.wav --to all               # umtn/out/input_<domain>.wav for every domain
+    python umtn/sample.py input.wav --naive                # recompute the receptive field per sample (slow, same result)
+
+The input is encoded once; each target's decoder then samples the output autoregressively
+(--temperature). Long inputs are cut into chunks of --chunk seconds that are generated side by
+side as one batch, together with every target domain, so a 10 s clip costs about as many
+sequential steps as one chunk.
+
+Chunk boundaries: a chunk starts with no audio history, so on its own it would begin with a
+click and a different phase. Each chunk therefore starts --overlap seconds early (conditioned
+on the latent of that earlier audio, so it is already playing the right note when its own
+part begins), and the overlap is cross-faded with the end of the previous chunk.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train import fail, generate, load_checkpoint, melody, mu_law_decode, read_wav, render, write_wav  # the sibling train.py
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
+from common import get_device, seed_everything
+
+
+def translate(model, audio, targets, rate, chunk_seconds, overlap_seconds, temperature, naive, device, generator):
+    """audio (T,) float -> {target index: (T,) float}, chunks and targets generated as one batch."""
+    pool = model.encoder.pool
+    T = len(audio)
+    chunk = max(pool, int(chunk_seconds * rate) // pool * pool)
+    overlap = min(chunk // 2, int(overlap_seconds * rate) // pool * pool)
+    padded = -(-T // chunk) * chunk
+    x = torch.zeros(padded, device=device)
+    x[:T] = torch.from_numpy(audio).to(device)
+    with torch.inference_mode():
+        z = model.encoder(x[None])[0]  # (L, padded / pool): encoded once, for the whole input
+    n_chunks = padded // chunk
+    # chunk k covers [k * chunk - overlap, (k + 1) * chunk); before the start, the latent of silence
+    with torch.inference_mode():
+        z_pad = torch.cat([model.encoder(torch.zeros(1, overlap + pool, device=device))[0][:, :overlap // pool], z], 1) if overlap else z
+    f_chunk, f_over = chunk // pool, overlap // pool
+    zc = torch.stack([z_pad[:, k * f_chunk:(k + 1) * f_chunk + f_over] for k in range(n_chunks)])  # (N, L, F)
+    zz = zc[None].expand(len(targets), -1, -1, -1).contiguous()  # (K, N, L, F)
+    n = chunk + overlap
+    u = torch.rand(len(targets), n_chunks, n, generator=generator).to(device)
+    codes = generate([model.decoders[t] for t in targets], zz, n, temperature, u, naive=naive)  # (K, N, n)
+    pieces = mu_law_decode(codes).cpu().numpy()
+    out = {}
+    fade = np.linspace(0, 1, overlap, dtype=np.float32)
+    for i, t in enumerate(targets):
+        y = np.zeros(padded, np.float32)
+        for k in range(n_chunks):
+            piece = pieces[i, k]
+            y[k * chunk:(k + 1) * chunk] = piece[overlap:]
+            if overlap and k > 0:  # cross-fade this chunk's lead-in with the previous chunk's end
+                a = slice(k * chunk - overlap, k * chunk)
+                y[a] = y[a] * (1 - fade) + piece[:overlap] * fade
+        out[t] = y[:T]
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", nargs="?", help="a .wav file (default: a built-in melody)")
+    parser.add_argument("--to", default="all", help="target domain from the checkpoint, or all (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="output .wav; with several targets, _<domain> is added (default: umtn/out/<input>_<domain>.wav)")
+    parser.add_argument("--seconds", type=float, default=0, help="translate only the first this many seconds, 0 for all (default: %(default)s)")
+    parser.add_argument("--chunk", type=float, default=1.0, help="seconds per chunk generated in parallel (default: %(default)s)")
+    parser.add_argument("--overlap", type=float, default=0.05, help="seconds of lead-in cross-faded at each chunk boundary (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of sampling (default: %(default)s)")
+    parser.add_argument("--naive", action="store_true", help="recompute the receptive field for every sample (the slow reference path)")
+    parser.add_argument("--checkpoint", default=str(Path(__file__).parent / "out" / "umtn.pt"), help="from umtn/train.py (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    args = parser.parse_args()
+    seed_everything(args.seed)
+    device = get_device(args.device)
+    ckpt, model = load_checkpoint(args.checkpoint, device)
+    domains, rate = ckpt["domains"], ckpt["rate"]
+    if args.to != "all" and args.to not in domains:
+        fail(f"unknown domain '{args.to}': this checkpoint knows {', '.join(domains)}")
+    if args.temperature <= 0 or args.chunk <= 0 or args.overlap < 0:
+        fail("--temperature and --chunk must be positive, --overlap not negative")
+    targets = list(range(len(domains))) if args.to == "all" else [domains.index(args.to)]
+
+    if args.input is None:  # a melody the script renders itself, kept so it can be heard beside the outputs
+        import random
+        source = Path(__file__).parent / "out" / "example.wav"
+        audio = render(melody(random.Random(args.seed), 4.0, rate), "pluck", 4.0, rate, np.random.default_rng(args.seed))
+        write_wav(source, audio, rate)
+    else:
+        source = Path(args.input)
+        if not source.is_file():
+            fail(f"no such file: {source}")
+        try:
+            audio = read_wav(source, rate)
+        except ValueError as e:
+            fail(f"{source} is {e}")
+    if args.seconds:
+        audio = audio[: int(args.seconds * rate)]
+    outputs = {}
+    for t in targets:
+        if args.out is None:
+            path = Path(__file__).parent / "out" / f"{source.stem}_{domains[t]}.wav"
+        elif len(targets) == 1:
+            path = Path(args.out)
+        else:
+            path = Path(args.out).with_name(f"{Path(args.out).stem}_{domains[t]}{Path(args.out).suffix or '.wav'}")
+        if path.resolve() == source.resolve():
+            fail(f"--out {path} is the input file: choose another name, the input is never overwritten")
+        outputs[t] = path
+    print(f"{source}: {len(audio) / rate:.2f} s at {rate} Hz -> {', '.join(domains[t] for t in targets)}"
+          f"{' (naive generation)' if args.naive else ''}")
+
+    t0 = time.time()
+    generator = torch.Generator().manual_seed(args.seed)
+    result = translate(model, audio, targets, rate, args.chunk, args.overlap, args.temperature, args.naive, device, generator)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.time() - t0
+    total = len(audio) * len(targets)
+    for t, path in outputs.items():
+        write_wav(path, result[t], rate)
+        print(f"  wrote {path}")
+    print(f"generated {total:,} samples in {seconds:.2f} s: {total / seconds:,.0f} samples/s, "
+          f"real-time factor {total / rate / seconds:.2f} (above 1 is faster than real time)")
+
+
+if __name__ == "__main__":
+    main()
