@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.p
 from common import get_device, seed_everything
 
 
-def translate(model, audio, targets, rate, chunk_seconds, overlap_seconds, temperature, naive, device, generator):
+def translate(model, audio, targets, rate, chunk_seconds, overlap_seconds, temperature, naive, device, seed):
     """audio (T,) float -> {target index: (T,) float}, chunks and targets generated as one batch."""
     pool = model.encoder.pool
     T = len(audio)
@@ -48,8 +48,7 @@ def translate(model, audio, targets, rate, chunk_seconds, overlap_seconds, tempe
     zc = torch.stack([z_pad[:, k * f_chunk:(k + 1) * f_chunk + f_over] for k in range(n_chunks)])  # (N, L, F)
     zz = zc[None].expand(len(targets), -1, -1, -1).contiguous()  # (K, N, L, F)
     n = chunk + overlap
-    u = torch.rand(len(targets), n_chunks, n, generator=generator).to(device)
-    codes = generate([model.decoders[t] for t in targets], zz, n, temperature, u, naive=naive)  # (K, N, n)
+    codes = generate([model.decoders[t] for t in targets], zz, n, temperature, seed, naive=naive)  # (K, N, n)
     pieces = mu_law_decode(codes).cpu().numpy()
     out = {}
     fade = np.linspace(0, 1, overlap, dtype=np.float32)
@@ -119,8 +118,7 @@ def main():
           f"{' (naive generation)' if args.naive else ''}")
 
     t0 = time.time()
-    generator = torch.Generator().manual_seed(args.seed)
-    result = translate(model, audio, targets, rate, args.chunk, args.overlap, args.temperature, args.naive, device, generator)
+    result = translate(model, audio, targets, rate, args.chunk, args.overlap, args.temperature, args.naive, device, args.seed)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.time() - t0
