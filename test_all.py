@@ -579,7 +579,7 @@ def test_umtn_reads_every_wav_kind():
         peak = np.abs(x[500:-500]).max()
         assert 0.45 < peak < 0.55, (path.name, peak)  # the same amplitude whatever the format
         f0 = um.pitch_track(x, 8000)
-        assert np.median(f0[f0 > 0]) == 8000 / round(8000 / 440), path.name  # still 440 Hz after resampling
+        assert abs(np.median(f0[f0 > 0]) - 440) < 440 * 0.03, path.name  # still 440 Hz (within half a semitone) after resampling
 
 
 def test_umtn_decoder_is_causal_and_fast_generation_equals_naive():
@@ -602,15 +602,15 @@ def test_umtn_decoder_is_causal_and_fast_generation_equals_naive():
 
 
 def umtn_checkpoint():
-    return trained("umtn", "umtn/train.py", *UMTN_SMALL, "--steps", 140)
+    return trained("umtn", "umtn/train.py", *UMTN_SMALL, "--steps", 200)
 
 
 def test_umtn_training_learns():
     ckpt, out = umtn_checkpoint()
     r = result(out)
-    assert r["first_bits"] > 7.5 and r["bits_per_sample"] < 5.5, r  # 8 bits per sample is a uniform guess
+    assert r["first_bits"] > 7.5 and r["bits_per_sample"] < 6.3, r  # 8 bits per sample is a uniform guess
     losses = [float(x) for x in re.findall(r"^step .*?\| loss ([\d.]+) bits", out, re.M)]
-    assert len(losses) == 7 and losses[-1] < losses[0], losses
+    assert len(losses) == 10 and losses[-1] < losses[0] - 1.5, losses
     assert "log-spectral dist" in out and "baseline: latent of silence" in out
 
 
