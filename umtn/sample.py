@@ -16,6 +16,7 @@ on the latent of that earlier audio, so it is already playing the right note whe
 part begins), and the overlap is cross-faded with the end of the previous chunk.
 """
 import argparse
+import random
 import sys
 import time
 from pathlib import Path
@@ -89,7 +90,6 @@ def main():
     targets = list(range(len(domains))) if args.to == "all" else [domains.index(args.to)]
 
     if args.input is None:  # a melody the script renders itself, kept so it can be heard beside the outputs
-        import random
         source = Path(__file__).parent / "out" / "example.wav"
         audio = render(melody(random.Random(args.seed), 4.0, rate), "pluck", 4.0, rate, np.random.default_rng(args.seed))
         write_wav(source, audio, rate)
