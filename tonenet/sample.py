@@ -63,7 +63,9 @@ def voice_stats(velocity, step, key):
     is_top, is_low = chordal & (key == top[step]), chordal & (key == low[step])
     groups = {"top voice": velocity[is_top], "inner voices": velocity[chordal & ~is_top & ~is_low], "bass": velocity[is_low]}
     means = {name: float(v.mean()) for name, v in groups.items() if len(v)}
-    loudest = max(means, key=means.get) if means else "-"
+    if not means or max(means.values()) - min(means.values()) < 1:
+        return means, "none, all equal"
+    loudest = max(means, key=means.get)
     return means, loudest
 
 
