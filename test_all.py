@@ -469,7 +469,7 @@ def test_tonenet_sample_changes_only_velocities():
     assert changed >= 3
     out, _ = run("tonenet/sample.py", "--out", TMP / "builtin.mid", "--checkpoint", ckpt)  # a built-in piece, every style
     assert (TMP / "builtin_lyrical.mid").is_file() and (TMP / "builtin_groove.mid").is_file()
-    assert out.count("-> loudest") == 4 and ("\u2588" in out or "\u2593" in out)
+    assert out.count("-> loudest") == 3 and ("\u2588" in out or "\u2593" in out)  # the input, then each style
 
 
 def test_tonenet_bad_inputs():
@@ -507,11 +507,11 @@ def test_tonenet_bad_inputs():
 
 
 def test_tonenet_reads_a_folder_of_styles():
+    import mido
     data = TMP / "styles"
     for style, velocity in (("soft", 40), ("loud", 100)):
         (data / style).mkdir(parents=True, exist_ok=True)
         for i in range(4):
-            import mido
             mid = mido.MidiFile(type=0, ticks_per_beat=96)
             track = mido.MidiTrack()
             for k in range(40):

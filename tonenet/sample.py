@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train import LOWEST, compose, encode, fail, load_checkpoint, open_midi, read_notes  # the sibling train.py
+from train import LOWEST, compose, encode, fail, load_checkpoint, open_midi, read_notes, seconds_of  # the sibling train.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
 from common import get_device, seed_everything
@@ -38,10 +38,10 @@ def piano_roll(before, after, step, key, roll, columns):
     if not shown.any():
         return "(no notes in the first bars)"
     keys = range(int(key[shown].max()), int(key[shown].min()) - 1, -1)
+    held = roll[:columns, :, 1].T == 1  # (88, <= columns)
     grids = []
     for vel in (before, after):
         grid = np.full((88, columns), " ", dtype="<U1")
-        held = roll[:columns, :, 1].T == 1
         grid[:, :held.shape[1]][held] = "-"
         grid[key[shown], step[shown]] = np.array(list(SHADES))[(np.asarray(vel)[shown] - 1) // 32]
         grids.append(grid)
@@ -53,7 +53,8 @@ def piano_roll(before, after, step, key, roll, columns):
 
 
 def voice_stats(velocity, step, key):
-    """Mean velocity of the top note of each onset, the lowest, and the rest (where a cell has 3+ notes)."""
+    """Mean velocity of the highest note struck in a cell, the lowest, and those between, over the
+    cells where two or more keys are struck together; and which of the three is loudest."""
     top = np.full(step.max() + 1, -1)
     low = np.full(step.max() + 1, 999)
     np.maximum.at(top, step, key)
@@ -105,8 +106,15 @@ def main():
     if len(notes["onset"]) == 0:
         fail(f"{source} has no piano notes to perform")
     roll, velocity, step = encode(notes, mid.ticks_per_beat, ckpt["steps_per_beat"])
-    seconds = mid.length if mid.type != 2 else 0.0
+    seconds = float(seconds_of(mid, notes["end"].max(keepdims=True))[0])  # through the tempo map
     print(f"{source}: {len(step)} notes, {len(roll)} steps, {seconds:.0f} s; styles {', '.join(styles)}")
+
+    def stats(label, vel):
+        means, loudest = voice_stats(vel, step, notes["key"])
+        print(f"  {label:>10}: mean {vel.mean():5.1f}  spread (sd) {vel.std():4.1f}  "
+              + "  ".join(f"{k} {v:.1f}" for k, v in means.items()) + f"  -> loudest: {loudest}")
+
+    stats("input", notes["velocity"])
 
     # ---- where each style's performance goes; never onto the input
     outputs = {}
@@ -140,10 +148,7 @@ def main():
         os.replace(tmp, path)
         print(f"\n== {style}: wrote {path} (model time {model_seconds:.3f} s for {seconds:.0f} s of music)")
         print(piano_roll(notes["velocity"], new, step, notes["key"], roll, columns))
-        for label, vel in (("input", notes["velocity"]), (style, new)):
-            means, loudest = voice_stats(vel, step, notes["key"])
-            print(f"  {label:>10}: mean {vel.mean():5.1f}  spread (sd) {vel.std():4.1f}  "
-                  + "  ".join(f"{k} {v:.1f}" for k, v in means.items()) + f"  -> loudest: {loudest}")
+        stats(style, new)
 
 
 if __name__ == "__main__":

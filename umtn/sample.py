@@ -39,12 +39,12 @@ def translate(model, audio, targets, rate, chunk_seconds, overlap_seconds, tempe
     padded = -(-T // chunk) * chunk
     x = torch.zeros(padded, device=device)
     x[:T] = torch.from_numpy(audio).to(device)
+    n_chunks = padded // chunk
     with torch.inference_mode():
         z = model.encoder(x[None])[0]  # (L, padded / pool): encoded once, for the whole input
-    n_chunks = padded // chunk
-    # chunk k covers [k * chunk - overlap, (k + 1) * chunk); before the start, the latent of silence
-    with torch.inference_mode():
-        z_pad = torch.cat([model.encoder(torch.zeros(1, overlap + pool, device=device))[0][:, :overlap // pool], z], 1) if overlap else z
+        # chunk k covers [k * chunk - overlap, (k + 1) * chunk); before the start, the latent of silence
+        silence = model.encoder(torch.zeros(1, overlap + pool, device=device))[0][:, :overlap // pool]
+        z_pad = torch.cat([silence, z], 1)
     f_chunk, f_over = chunk // pool, overlap // pool
     zc = torch.stack([z_pad[:, k * f_chunk:(k + 1) * f_chunk + f_over] for k in range(n_chunks)])  # (N, L, F)
     zz = zc[None].expand(len(targets), -1, -1, -1).contiguous()  # (K, N, L, F)
