@@ -181,11 +181,52 @@ def test_classifier_bad_inputs():
     fails_with("classifier/train.py", "--data", "cifar10", "--data-dir", tarball, message=r"wrong MD5")
     fails_with("classifier/train.py", "--data", "cifar10", "--data-dir", TMP / "nowhere", message=r"--data-dir .* does not exist")
     fails_with("classifier/train.py", "--model", "vgg", message=r"unknown --model vgg")
+    fails_with("classifier/train.py", "--time-limit", 60, "--resume", message=r"--time-limit needs .* a fresh run")
     blitz_ckpt, _ = blitz_checkpoint()
     fails_with("classifier/sample.py", "--checkpoint", blitz_ckpt, message=r"not a classifier checkpoint")
     fails_with("classifier/sample.py", "--checkpoint", TMP / "none.pt", message=r"run python classifier/train.py first")
     ckpt, _ = classifier_checkpoint()
     fails_with("classifier/sample.py", "--checkpoint", ckpt, "--index", 5000, message=r"--index 5000 is out of range")
+
+
+def load_script(path, name):
+    """Import a script as a module (its main() does not run) to test a function of it directly."""
+    import importlib.util
+    sys.path.insert(0, str((ROOT / path).parent))
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.path.pop(0)
+    return module
+
+
+def test_precision_rule_without_a_gpu():
+    import torch
+    for path, name, everything in (("classifier/train.py", "classifier_train", torch.bfloat16), ("seq2seq/train.py", "seq2seq_train", "bf16")):
+        choose = load_script(path, name).choose_precision
+        half = torch.float16 if everything is torch.bfloat16 else "fp16"
+        assert choose("cuda", "auto", gpu_capability=(9, 0)) == (everything, False)  # H100: bf16, no scaler
+        assert choose("cuda", "auto", gpu_capability=(8, 0)) == (everything, False)  # A100
+        assert choose("cuda", "auto", gpu_capability=(7, 5)) == (half, True)  # T4: fp16 + GradScaler
+        assert choose("mps", "auto") == ((None, False) if everything is torch.bfloat16 else ("off", False))
+        assert choose("cuda", "fp16", gpu_capability=(9, 0)) == (half, True)  # an explicit choice wins
+        off = choose("cpu", "auto", cpu_native_bf16=False)
+        assert off in ((None, False), ("off", False)), off  # emulated bf16 only costs time
+        native = choose("cpu", "auto", cpu_native_bf16=True)
+        assert native in ((torch.bfloat16, False), ("bf16-output", False)), native
+
+
+def test_classifier_fp16_gradscaler_and_time_limit():
+    ckpt = TMP / "fp16.pt"
+    out, _ = run("classifier/train.py", "--train-size", 2500, "--test-size", 500, "--val-size", 200, "--width", 8,
+                 "--batch-size", 64, "--amp", "fp16", "--time-limit", 25, "--out", ckpt)
+    assert "autocast=float16 +GradScaler" in out, out[:600]
+    plan = re.search(r"plan: 25 s at [\d.]+ s/step -> about (\d+) steps", out)
+    assert plan and int(plan.group(1)) > 20, out[:1200]
+    r = result(out)
+    assert 20 <= r["train_seconds"] <= 35 and r["test_acc"] >= 25, r  # the budget is kept, and it learned
+    out, _ = run("classifier/sample.py", "--checkpoint", ckpt, "--n", 1, "--color", "never")
+    assert f"accuracy {r['test_acc']:.2f}%" in out
 
 
 def test_classifier_torchrun_two_processes():

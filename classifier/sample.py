@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from train import (CIFAR_FILES, fail, find_cifar, load_checkpoint, make_shapes, predict, print_evaluation,
-                   read_cifar_file, build_model, confusion_matrix, use_bf16)  # the sibling train.py
+                   read_cifar_file, build_model, confusion_matrix, precision_for)  # the sibling train.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
 from common import get_device, seed_everything
@@ -60,7 +60,8 @@ def main():
     model.eval()
 
     mean, std = ckpt["mean"].view(1, 3, 1, 1).to(device), ckpt["std"].view(1, 3, 1, 1).to(device)
-    bf16 = use_bf16(device, config["bf16"])  # the same numerics as training
+    amp_dtype, _ = precision_for(device, config["amp"])  # the same numerics as training
+    tta = config["tta"]  # and the same test-time augmentation
     print(f"loaded {args.checkpoint}: {config['model']} trained on {config['data']}, validation accuracy {100 * ckpt['best_val_acc']:.2f}%")
 
     # The same test set training reported on: regenerated from the seed, or read from disk.
@@ -78,7 +79,7 @@ def main():
     else:
         chosen = torch.randperm(len(labels))[:args.n].tolist()
     with torch.no_grad():
-        probs = predict(model, images[chosen], mean, std, device, bf16).softmax(1)  # (n, classes)
+        probs = predict(model, images[chosen], mean, std, device, amp_dtype, tta).softmax(1)  # (n, classes)
     for row, i in enumerate(chosen):
         top_p, top_k = probs[row].topk(3)
         text = [f"test image {i}: true class {classes[labels[i]]}"]
@@ -87,7 +88,7 @@ def main():
             print(line + "  " + words)
         print()
 
-    pred = predict(model, images, mean, std, device, bf16).argmax(1).cpu()
+    pred = predict(model, images, mean, std, device, amp_dtype, tta).argmax(1).cpu()
     cm = confusion_matrix(pred, labels, len(classes))
     print(f"whole test set: {len(labels)} images, accuracy {100 * (pred == labels).float().mean():.2f}%")
     print_evaluation(cm, classes)

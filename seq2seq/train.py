@@ -443,7 +443,7 @@ class Decoder(nn.Module):
         return torch.stack(outs, 1), torch.stack(h), torch.cat(ws, 1)  # (B, T, H), (L, B, H), (B, T, S)
 
     def project(self, features):  # (..., H) -> (..., V) logits over the target vocabulary
-        # The largest product of the model (N x H x V): with bf16_output it alone runs in bf16 (see use_bf16).
+        # The largest product of the model (N x H x V): with bf16_output it alone runs in bf16 (see choose_precision).
         with torch.autocast(features.device.type, dtype=torch.bfloat16) if self.bf16_output else nullcontext():
             return self.out(self.dropout(features))
 
@@ -591,23 +591,38 @@ def batches(src_len, tgt_len, batch_size, generator):
     return [out[j] for j in torch.randperm(len(out), generator=generator)]
 
 
-def use_bf16(device, choice):
-    """Which part runs under bf16 autocast: "on" (everything), "output" (the output layer only) or "off".
-    auto: everything on CUDA; on a CPU with native bf16 (AVX512-BF16/AMX) only the output layer,
-    because there the recurrent steps' small products run slower in bf16 (measured: the casts cost
-    more than they save), while the (N x H x V) output product runs about twice as fast."""
+def choose_precision(device_type, choice="auto", gpu_capability=None, cpu_native_bf16=False):
+    """-> (mode, whether a GradScaler is needed); mode is "bf16" (autocast everything), "fp16"
+    (likewise), "bf16-output" (only the output layer) or "off". Pure, so the rule is testable
+    without a GPU; `precision_for(device, choice)` fills in the facts of this machine.
+
+    The PyTorch AMP recipe: fp16 has 5 exponent bits, so small gradients underflow to zero; the
+    GradScaler multiplies the loss by a large factor before backward and divides the gradients
+    by it before clipping and the step (skipping steps whose gradients overflowed). bf16 has
+    fp32's 8 exponent bits and needs no scaler, but only GPUs from Ampere on (compute capability
+    8.0) have bf16 tensor cores; older ones (a T4 is 7.5) get fp16 and the scaler. On a CPU with
+    native bf16 (AVX512-BF16 or AMX) only the (N x H x V) output product gains (about 2x), while
+    the recurrent steps' small products run slower in bf16 (the casts cost more than they save);
+    without native bf16, oneDNN emulates it and it only costs time. MPS stays fp32."""
     if choice != "auto":
-        return choice
-    if device.type == "cuda":
-        return "on"
-    return "output" if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "off"
+        return choice, choice == "fp16"
+    if device_type == "cuda":
+        return ("bf16", False) if gpu_capability >= (8, 0) else ("fp16", True)
+    return ("bf16-output" if device_type == "cpu" and cpu_native_bf16 else "off"), False
 
 
-def train_step(model, optimizer, src, src_len, tgt, teacher_forcing, clip, bf16):
+def precision_for(device, choice):
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return choose_precision(device.type, choice, capability, native)
+
+
+def train_step(model, optimizer, scaler, src, src_len, tgt, teacher_forcing, clip, amp):
     """One update on a batch: src (B, S) with lengths (B,), tgt (B, T) ending in <eos>, padded."""
     tgt_in = torch.cat([torch.full_like(tgt[:, :1], SOS), tgt[:, :-1]], 1)  # shifted right: <sos> w1 w2 ...
     keep = tgt != PAD  # (B, T): the real target positions
-    with torch.autocast(src.device.type, dtype=torch.bfloat16, enabled=bf16 == "on"):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    with torch.autocast(src.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         if random.random() < teacher_forcing:  # decided per batch, as in the chatbot tutorial
             logits = model(src, src_len, tgt_in, keep)  # (N, V)
         else:
@@ -615,9 +630,11 @@ def train_step(model, optimizer, src, src_len, tgt, teacher_forcing, clip, bf16)
         # Masked loss: only real positions count, so padding does not dilute short sentences.
         loss = F.cross_entropy(logits.float(), tgt[keep])
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler.scale(loss).backward()  # with the scaler off (everything but fp16) these are plain backward() ...
+    scaler.unscale_(optimizer)  # fp16: true gradients before clipping
     nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)  # keeps an exploding RNN gradient in check
-    optimizer.step()
+    scaler.step(optimizer)  # ... and step(); fp16: skipped if a gradient overflowed
+    scaler.update()
     return loss.detach()
 
 
@@ -673,7 +690,7 @@ def main():
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default: %(default)s)")
     parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (default: %(default)s)")
     parser.add_argument("--beam", type=int, default=1, help="beam size for the final test evaluation; 1 is greedy (default: %(default)s)")
-    parser.add_argument("--bf16", default="auto", choices=["auto", "on", "output", "off"], help="bf16 autocast: everything, the output layer only, or nothing; auto: everything on CUDA, the output layer on CPUs with native bf16 (default: %(default)s)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "bf16-output", "off"], help="autocast: everything in bf16 or fp16, the output layer only in bf16, or nothing; auto: bf16 on GPUs from Ampere on, fp16 with a GradScaler on older GPUs, the output layer on CPUs with native bf16 (default: %(default)s)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "seq2seq.pt"), help="checkpoint path (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
@@ -713,9 +730,11 @@ def main():
     model = Seq2Seq(**model_args).to(device)
     # fused=True: one kernel updates every parameter, instead of a handful of ops per tensor
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))
-    bf16 = use_bf16(device, args.bf16)
-    model.decoder.bf16_output = bf16 == "output"
-    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, attention {args.attention}, on {device}")
+    amp, needs_scaler = precision_for(device, args.amp)
+    model.decoder.bf16_output = amp == "bf16-output"
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see choose_precision
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, attention {args.attention}, on {device}, "
+          f"autocast {amp}{' +GradScaler' if needs_scaler else ''}")
 
     # ---- training
     out, best_bleu, train_time, seen = Path(args.out), -1.0, 0.0, 0
@@ -727,7 +746,7 @@ def main():
         for idx in batches(src_len, tgt_len, args.batch_size, generator):
             idx = idx.to(device)
             S, T = int(src_len[idx].max()), int(tgt_len[idx].max())  # trim padding to this batch's longest
-            loss = train_step(model, optimizer, src[idx, :S], src_len[idx], tgt[idx, :T], args.teacher_forcing, args.clip, bf16)
+            loss = train_step(model, optimizer, scaler, src[idx, :S], src_len[idx], tgt[idx, :T], args.teacher_forcing, args.clip, amp)
             loss_sum += loss
             n_batches += 1
             seen += len(idx)
