@@ -110,8 +110,8 @@ def test_blitz_sample_bad_checkpoints():
 
 
 def classifier_checkpoint():
-    return trained("classifier", "classifier/train.py", "--train-size", 4000, "--test-size", 1000, "--val-size", 500,
-                   "--epochs", 6, "--width", 8, "--batch-size", 64)
+    return trained("classifier", "classifier/train.py", "--model", "resnet", "--train-size", 4000, "--test-size", 1000,
+                   "--val-size", 500, "--epochs", 6, "--width", 8, "--batch-size", 64)
 
 
 def test_classifier_learns_shapes():
@@ -224,7 +224,9 @@ def test_classifier_fp16_gradscaler_and_time_limit():
     plan = re.search(r"plan: 25 s at [\d.]+ s/step -> about (\d+) steps", out)
     assert plan and int(plan.group(1)) > 20, out[:1200]
     r = result(out)
-    assert 20 <= r["train_seconds"] <= 35 and r["test_acc"] >= 25, r  # the budget is kept, and it learned
+    losses = epoch_losses(out)
+    assert 20 <= r["train_seconds"] <= 35 and r["test_acc"] >= 15, r  # the budget is kept (chance is 10%)
+    assert len(losses) >= 2 and losses[-1] < 0.95 * losses[0], losses  # airbench in fp16 with the scaler learns
     out, _ = run("classifier/sample.py", "--checkpoint", ckpt, "--n", 1, "--color", "never")
     assert f"accuracy {r['test_acc']:.2f}%" in out
 
@@ -232,7 +234,7 @@ def test_classifier_fp16_gradscaler_and_time_limit():
 def test_classifier_torchrun_two_processes():
     ckpt = TMP / "ddp.pt"
     p = subprocess.run([str(a) for a in [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "classifier/train.py", "--train-size", 3000, "--test-size", 500, "--val-size", 400,
+                        "classifier/train.py", "--model", "resnet", "--train-size", 3000, "--test-size", 500, "--val-size", 400,
                         "--epochs", 5, "--width", 8, "--batch-size", 64, "--out", ckpt]],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
