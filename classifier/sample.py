@@ -60,8 +60,8 @@ def main():
     model.eval()
 
     mean, std = ckpt["mean"].view(1, 3, 1, 1).to(device), ckpt["std"].view(1, 3, 1, 1).to(device)
-    amp_dtype, _ = precision_for(device, config["amp"])  # the same numerics as training
-    tta = config["tta"]  # and the same test-time augmentation
+    amp_dtype, _ = precision_for(device, config.get("amp", "auto"))  # the same numerics as training
+    tta = config.get("tta", 0)  # and the same test-time augmentation (checkpoints from before --tta had none)
     print(f"loaded {args.checkpoint}: {config['model']} trained on {config['data']}, validation accuracy {100 * ckpt['best_val_acc']:.2f}%")
 
     # The same test set training reported on: regenerated from the seed, or read from disk.

@@ -561,10 +561,12 @@ def main():
         seconds, so that warm-up, decay and averaging are laid over the budget whatever the speed."""
         if not budget:
             return step / total_steps
-        p = torch.tensor([(time.time() - start) / budget], device=device)
-        if world > 1:
-            dist.broadcast(p, 0)  # rank 0's clock for all, so all processes stop at the same step
-        return p.item()
+        p = (time.time() - start) / budget
+        if world > 1:  # rank 0's clock for all, so all processes stop at the same step
+            p = torch.tensor([p], device=device)
+            dist.broadcast(p, 0)
+            p = p.item()
+        return p
 
     out, start_epoch, best_acc, best_state = Path(args.out), 0, 0.0, None
     if args.resume:
@@ -584,12 +586,13 @@ def main():
     # copy of the weights toward the fast ones and restart the fast ones from it; the slow copy
     # follows ever more slowly as training ends (rho grows with progress^3), averaging the noise out.
     slow, lookahead_every = None, max(1, 5 * 1024 // args.batch_size)  # airbench: every 5 steps of 1024 images
+    float_state = lambda: [v for v in net.state_dict().values() if v.is_floating_point()]  # weights and BN statistics
 
     # ---- training
     start, seen, step, epoch = time.time(), 0, start_epoch * steps_per_epoch, start_epoch
     if device.type == "cpu":
         # As the learning rate decays, updates and momentum reach denormal floats (below 1e-38),
-        # which x86 CPUs handle in slow microcode: flushing them to zero costs nothing in accuracy.
+        # which x86 CPUs handle in slow microcode; flushing them to zero avoids that.
         torch.set_flush_denormal(True)
     p = p0 = 0.0 if budget else start_epoch / args.epochs
     while p < 1:
@@ -633,9 +636,9 @@ def main():
             if recipe["lookahead"] and p >= 0.3 and step % lookahead_every == 0:
                 with torch.no_grad():
                     if slow is None:
-                        slow = [v.detach().clone() for v in net.state_dict().values() if v.is_floating_point()]
+                        slow = [v.clone() for v in float_state()]
                     rho = 0.95 ** 5 * p ** 3
-                    for s_v, v in zip(slow, [v for v in net.state_dict().values() if v.is_floating_point()]):
+                    for s_v, v in zip(slow, float_state()):
                         s_v.lerp_(v, 1 - rho)
                         v.copy_(s_v)
             loss_sum += loss.detach()  # stays on the device: no sync with the host every step
@@ -643,7 +646,7 @@ def main():
             break
         if slow is not None:  # what is validated and saved is the slow (averaged) copy
             with torch.no_grad():
-                for s_v, v in zip(slow, [v for v in net.state_dict().values() if v.is_floating_point()]):
+                for s_v, v in zip(slow, float_state()):
                     v.copy_(s_v)
         epoch += 1
         dt = time.time() - t0
