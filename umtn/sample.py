@@ -91,7 +91,7 @@ def main():
 
     if args.input is None:  # a melody the script renders itself, kept so it can be heard beside the outputs
         source = Path(__file__).parent / "out" / "example.wav"
-        audio = render(melody(random.Random(args.seed), 4.0, rate), "pluck", 4.0, rate, np.random.default_rng(args.seed))
+        audio = render(melody(random.Random(args.seed), 4.0, rate), "pluck", 4.0, rate)
         write_wav(source, audio, rate)
     else:
         source = Path(args.input)
