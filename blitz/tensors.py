@@ -148,7 +148,7 @@ assert not torch.tensor(a).data_ptr() == b.data_ptr()  # torch.tensor() copies i
 device = get_device(args.device)  # common.py: cuda, then mps, then cpu
 x = torch.randn(3)
 y = torch.ones_like(x, device=device)  # create directly on the device
-z = (x.to(device) + y).to("cpu", torch.float64)  # .to() moves and can change dtype at once
+z = (x.to(device) + y).to("cpu").to(torch.float64)  # move first: MPS has no float64, so convert on the CPU
 show(f"tensors moved to {device} and back with .to()", z)
 assert z.device.type == "cpu" and torch.allclose(z, (x + 1).double())
 

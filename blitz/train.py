@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
-from common import get_device, seed_everything
+from common import autocast, get_device, precision_for, seed_everything, synchronize
 
 CLASSES = ["horizontal", "vertical", "box", "cross"]
 IMAGE_SIZE = 16
@@ -145,11 +145,14 @@ def main():
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes; 0 loads in the main process (default: %(default)s)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "blitz.pt"), help="checkpoint path (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision; auto: bf16 on GPUs from Ampere on, fp16 with a GradScaler on older GPUs (a T4), fp32 on CPUs and MPS (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
     args = parser.parse_args()
     print("settings:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
-    seed_everything(args.seed)
+    seed_everything(args.seed, args.deterministic)
     device = get_device(args.device)
+    amp_dtype, needs_scaler = precision_for(device, args.amp)  # common.py: the same rule in every train.py
 
     # Data: the training and validation sets come from different seeds, so they differ.
     train_set, val_set = ShapesDataset(args.train_size, args.seed), ShapesDataset(args.val_size, args.seed + 1)
@@ -167,9 +170,11 @@ def main():
     model_args = dict(channels=args.channels, hidden=64, n_classes=len(CLASSES))
     model = Net(**model_args).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params:,} parameters on {device}\n{model}")
+    print(f"model: {n_params:,} parameters on {device}, autocast {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}"
+          f"{' +GradScaler' if needs_scaler else ''}\n{model}")
 
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see common.choose_precision
     steps_per_epoch = len(train_loader)
     # One-cycle schedule (Smith & Topin 2018): warm up, then anneal; converges in few epochs.
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch)
@@ -177,20 +182,23 @@ def main():
     best_acc, start = 0.0, time.time()
     for epoch in range(1, args.epochs + 1):
         model.train()  # training behaviour for dropout and batch norm
-        t0, loss_sum = time.time(), 0.0
+        t0, loss_sum = time.time(), torch.zeros((), device=device)
         for images, labels in train_loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)  # 1. clear the gradients of the last step
-            logits = model(images)  # 2. forward
-            loss = F.cross_entropy(logits, labels)  # 3. loss
-            loss.backward()  # 4. backward: fill .grad of every parameter
-            optimizer.step()  # 5. update the parameters
+            with autocast(device, amp_dtype):  # --amp: the forward pass in bf16 or fp16 where that is faster
+                logits = model(images)  # 2. forward
+                loss = F.cross_entropy(logits, labels)  # 3. loss
+            scaler.scale(loss).backward()  # 4. backward: fill .grad of every parameter
+            scaler.step(optimizer)  # 5. update the parameters (with the scaler off, 4 and 5 are plain backward() and step())
+            scaler.update()
             scheduler.step()  # the learning rate follows its schedule, per step
-            loss_sum += loss.item()
+            loss_sum += loss.detach()  # on the device: loss.item() here would make the CPU wait for the GPU every step
+        synchronize(device)  # GPU work runs behind the Python code: wait for it before reading the clock
         dt = time.time() - t0
         elapsed = time.time() - start
         val_loss, val_acc = evaluate(model, val_loader, device)
-        print(f"epoch {epoch}/{args.epochs} | loss {loss_sum / steps_per_epoch:.4f} | "
+        print(f"epoch {epoch}/{args.epochs} | loss {loss_sum.item() / steps_per_epoch:.4f} | "
               f"{steps_per_epoch * args.batch_size / dt:,.0f} img/s | {1000 * dt / steps_per_epoch:.1f} ms/step | "
               f"elapsed {elapsed:.1f}s | eta {elapsed / epoch * (args.epochs - epoch):.1f}s | "
               f"val loss {val_loss:.4f} acc {100 * val_acc:.1f}%")

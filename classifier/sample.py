@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from train import (CIFAR_FILES, fail, find_cifar, load_checkpoint, make_shapes, predict, print_evaluation,
-                   read_cifar_file, build_model, confusion_matrix, precision_for)  # the sibling train.py
+                   read_cifar_file, build_model, confusion_matrix, CPU_BF16)  # the sibling train.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
-from common import get_device, seed_everything
+from common import get_device, precision_for, seed_everything
 
 RAMP = " .:-=+*#%@"  # plain fallback: darker to brighter
 
@@ -60,7 +60,7 @@ def main():
     model.eval()
 
     mean, std = ckpt["mean"].view(1, 3, 1, 1).to(device), ckpt["std"].view(1, 3, 1, 1).to(device)
-    amp_dtype, _ = precision_for(device, config.get("amp", "auto"))  # the same numerics as training
+    amp_dtype, _ = precision_for(device, config.get("amp", "auto"), CPU_BF16)  # the same numerics as training
     tta = config.get("tta", 0)  # and the same test-time augmentation (checkpoints from before --tta had none)
     print(f"loaded {args.checkpoint}: {config['model']} trained on {config['data']}, validation accuracy {100 * ckpt['best_val_acc']:.2f}%")
 

@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
-from common import get_device, seed_everything
+from common import autocast, get_device, precision_for, seed_everything, synchronize, torchrun_device
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -292,13 +292,15 @@ class AirNet(nn.Module):
 
     @torch.no_grad()
     def init_whitening(self, images, eps=5e-4):
-        """images: normalised float (N, 3, 32, 32); a few thousand are enough."""
-        patches = images.unfold(2, 2, 1).unfold(3, 2, 1)  # (N, 3, 31, 31, 2, 2)
+        """images: normalised float (N, 3, 32, 32) on any device; a few thousand are enough. The
+        covariance and its eigenvectors are computed on the CPU in float64 (Apple's MPS has
+        neither float64 nor eigh) and the filters copied to the layer's device."""
+        patches = images.cpu().unfold(2, 2, 1).unfold(3, 2, 1)  # (N, 3, 31, 31, 2, 2)
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()  # every 2x2x3 patch as a row
         cov = patches.T @ patches / len(patches)  # (12, 12)
         eigvals, eigvecs = torch.linalg.eigh(cov)
         filters = (eigvecs.T / (eigvals + eps).sqrt().unsqueeze(1)).reshape(12, 3, 2, 2)
-        self.whiten.weight.copy_(torch.cat([filters, -filters]).float())
+        self.whiten.weight.copy_(torch.cat([filters, -filters]).float().to(self.whiten.weight.device))
 
     def forward(self, x):  # (B, 3, 32, 32)
         x = F.relu(self.whiten(x))
@@ -335,34 +337,18 @@ def augment(x, pad, flip, size=32):
     return xp.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, C, size, size)
 
 
-def choose_precision(device_type, choice="auto", gpu_capability=None, cpu_native_bf16=False):
-    """-> (autocast dtype or None, whether a GradScaler is needed). Pure, so the rule is testable
-    without a GPU; `precision_for(device, choice)` fills in the facts of this machine.
-
-    The PyTorch AMP recipe: fp16 has 5 exponent bits, so small gradients underflow to zero; the
-    GradScaler multiplies the loss by a large factor before backward and divides the gradients
-    by it before the step (skipping steps whose gradients overflowed). bf16 has fp32's 8 exponent
-    bits, so it needs no scaler, but only GPUs from Ampere on (compute capability 8.0: A100, RTX 30,
-    H100) have bf16 tensor cores; older ones (a T4 is 7.5) get fp16 and the scaler. A CPU gains
-    from bf16 only with native instructions (AVX512-BF16 or AMX): elsewhere oneDNN emulates bf16
-    and a training step ran 2.3x slower than fp32 here, so auto keeps fp32 there. MPS stays fp32."""
-    if choice == "off":
-        return None, False
-    if choice == "bf16":
-        return torch.bfloat16, False
-    if choice == "fp16":
-        return torch.float16, True
-    if device_type == "cuda":
-        return (torch.bfloat16, False) if gpu_capability >= (8, 0) else (torch.float16, True)
-    if device_type == "cpu" and cpu_native_bf16:
-        return torch.bfloat16, False
-    return None, False
-
-
-def precision_for(device, choice):
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return choose_precision(device.type, choice, capability, native)
+def train_step(model, optimizer, scaler, x, y, label_smoothing, amp_dtype):
+    """One update on a batch x (B, 3, H, W) normalised, y (B,) labels. Returns the loss, left on the
+    device (reading it would make the CPU wait for the GPU)."""
+    with autocast(x.device, amp_dtype):
+        # Label smoothing (Szegedy et al. 2016): aim for 0.8 on the true class, not 1.0, so
+        # the network is not pushed to ever-larger logits; it generalises better.
+        loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # with the scaler off (fp32, bf16) these three lines are plain
+    scaler.step(optimizer)  # backward() and step()
+    scaler.update()
+    return loss.detach()
 
 
 def tta_logits(model, x, level):
@@ -377,14 +363,14 @@ def tta_logits(model, x, level):
     return logits
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(model, images, mean, std, device, amp_dtype, tta=0, batch_size=1000):
     """Logits (N, classes) as float32 for uint8 images (N, 3, 32, 32), in eval mode."""
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
         x = ((images[i:i + batch_size].to(device).float() / 255) - mean) / std
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             out.append(tta_logits(model, x.contiguous(memory_format=torch.channels_last), tta).float())
     return torch.cat(out)
 
@@ -446,6 +432,7 @@ RECIPES = {
                      label_smoothing=0.2, pad=2, flip="alternate", schedule="triangle", lookahead=True, tta=2, early_crop=24),
 }
 WIDTHS = {"lenet": 0, "resnet": 16, "airbench": 64}
+CPU_BF16 = True  # --amp auto uses bf16 on CPUs with native bf16: convolutions gain from it (common.choose_precision)
 
 
 def lr_factor(schedule, p):
@@ -473,12 +460,13 @@ def main():
     parser.add_argument("--lr", type=float, default=None, help="(peak) learning rate (default: airbench 0.375, resnet 0.2, lenet 0.001)")
     parser.add_argument("--early-crop", type=int, default=None, help="train on random crops of this size for the first 40%% of training, whole 32x32 images after (default: airbench 24, others 32: off)")
     parser.add_argument("--tta", type=int, default=None, choices=[0, 1, 2], help="test-time augmentation: 0 none, 1 mirror, 2 mirror and shifts (default: airbench 2, others 0)")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast; auto: bf16 on GPUs from Ampere on and CPUs with native bf16, fp16 with a GradScaler on older GPUs (default: %(default)s)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision; auto: bf16 on GPUs from Ampere on and CPUs with native bf16, fp16 with a GradScaler on older GPUs (a T4), fp32 elsewhere (default: %(default)s)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (slow to start, faster per step)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "classifier.pt"), help="checkpoint path (default: %(default)s)")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
     args = parser.parse_args()
     if args.model not in RECIPES:
         fail(f"unknown --model {args.model}: choose airbench, resnet or lenet")
@@ -494,24 +482,23 @@ def main():
         fail("--time-limit needs a positive number of seconds, and a fresh run (not --resume)")
 
     # Distributed: torchrun starts one process per GPU (or per CPU slot) and sets these variables.
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world, distributed = int(os.environ.get("WORLD_SIZE", 1)), "LOCAL_RANK" in os.environ  # under torchrun, even with one process
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if world > 1:
-        cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        else:
+    if distributed:
+        device, backend = torchrun_device(args.device)  # GPU number local_rank (NCCL), or the CPU (Gloo)
+        if device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # share the cores
-        dist.init_process_group("nccl" if cuda else "gloo")  # NCCL between GPUs, Gloo between CPU processes
+        dist.init_process_group(backend)
         if args.batch_size % world:
             fail(f"--batch-size {args.batch_size} must divide evenly among {world} processes")
     else:
         device = get_device(args.device)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    seed_everything(args.seed)  # the same seed everywhere: every process starts from the same weights
-    amp_dtype, needs_scaler = precision_for(device, args.amp)
+    seed_everything(args.seed, args.deterministic)  # the same seed everywhere: every process starts from the same weights
+    if device.type == "cuda" and not args.deterministic:
+        torch.backends.cudnn.benchmark = True  # the shapes never change: time cuDNN's algorithms once, keep the fastest
+    amp_dtype, needs_scaler = precision_for(device, args.amp, CPU_BF16)
     log("settings:", " ".join(f"{k}={v}" for k, v in vars(args).items()),
         f"world={world} autocast={str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}{' +GradScaler' if needs_scaler else ''}")
 
@@ -544,9 +531,12 @@ def main():
     params = [p for p in net.parameters() if p.requires_grad]
     weights, biases = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
     bias_decay = recipe["weight_decay"] / recipe["bias_lr"] if args.model == "airbench" else 0.0
+    # fused: one kernel updates every tensor, and with the GradScaler it skips overflowed steps on the
+    # device instead of asking the host (a sync) at every step
     optimizer = torch.optim.SGD([dict(params=weights, weight_decay=recipe["weight_decay"], lr_scale=1.0),
                                  dict(params=biases, weight_decay=bias_decay, lr_scale=recipe["bias_lr"])],
-                                lr=args.lr, momentum=recipe["momentum"], nesterov=args.model != "lenet")
+                                lr=args.lr, momentum=recipe["momentum"], nesterov=args.model != "lenet",
+                                fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see choose_precision
     local_batch = args.batch_size // world
     steps_per_epoch = len(train_y) // args.batch_size
@@ -562,7 +552,7 @@ def main():
         if not budget:
             return step / total_steps
         p = (time.time() - start) / budget
-        if world > 1:  # rank 0's clock for all, so all processes stop at the same step
+        if distributed:  # rank 0's clock for all, so all processes stop at the same step
             p = torch.tensor([p], device=device)
             dist.broadcast(p, 0)
             p = p.item()
@@ -578,7 +568,7 @@ def main():
         start_epoch, best_acc, best_state = ckpt["resume"]["epoch"], ckpt["best_val_acc"], ckpt["model"]
         log(f"resumed {out} after epoch {start_epoch} (best val acc {100 * best_acc:.2f}%)")
     model = net
-    if world > 1:  # DDP averages gradients across processes during backward
+    if distributed:  # DDP averages gradients across processes during backward
         model = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
@@ -603,9 +593,11 @@ def main():
             p = progress(step)
             if p >= 1:
                 break
-            if step == 3:
+            if budget and step == 3:
+                synchronize(device)  # a GPU's clock reading needs its queue emptied (twice per run, for the plan)
                 t_first = time.time()  # the first steps also pay for one-time setup
             if budget and step == 8:  # the plan, from the speed of steps 3-7
+                synchronize(device)
                 t_step = (time.time() - t_first) / 5
                 # whole images cost about (31 / (crop - 1))^2 as much: the pixels after the 2x2 whitening
                 slower = (31 / (early_crop - 1)) ** 2 if p < early_until else 1.0
@@ -624,14 +616,7 @@ def main():
             x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
             for group in optimizer.param_groups:
                 group["lr"] = args.lr * group["lr_scale"] * lr_factor(recipe["schedule"], p)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                # Label smoothing (Szegedy et al. 2016): aim for 0.8 on the true class, not 1.0, so
-                # the network is not pushed to ever-larger logits; it generalises better.
-                loss = F.cross_entropy(model(x), train_y[idx], label_smoothing=recipe["label_smoothing"])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # with the scaler off (fp32, bf16) these three lines are plain
-            scaler.step(optimizer)  # backward() and step()
-            scaler.update()
+            loss = train_step(model, optimizer, scaler, x, train_y[idx], recipe["label_smoothing"], amp_dtype)
             step, n_steps = step + 1, n_steps + 1
             if recipe["lookahead"] and p >= 0.3 and step % lookahead_every == 0:
                 with torch.no_grad():
@@ -641,7 +626,7 @@ def main():
                     for s_v, v in zip(slow, float_state()):
                         s_v.lerp_(v, 1 - rho)
                         v.copy_(s_v)
-            loss_sum += loss.detach()  # stays on the device: no sync with the host every step
+            loss_sum += loss  # stays on the device: no sync with the host every step
         if n_steps == 0:
             break
         if slow is not None:  # what is validated and saved is the slow (averaged) copy
@@ -649,6 +634,7 @@ def main():
                 for s_v, v in zip(slow, float_state()):
                     v.copy_(s_v)
         epoch += 1
+        synchronize(device)  # once per epoch: the epoch's GPU work is done before the clock is read
         dt = time.time() - t0
         seen += n_steps * args.batch_size
         val_acc = (predict(net, val_x, mean, std, device, amp_dtype).argmax(1).cpu() == val_y).float().mean().item() if len(val_y) else 0.0
@@ -686,7 +672,7 @@ def main():
         print(f"result: test_acc={100 * test_acc:.2f} val_acc={100 * best_acc:.2f} chance={100 / len(classes):.2f} "
               f"model={args.model} data={args.data} epochs={step / steps_per_epoch:.2f} train_seconds={train_seconds:.1f} "
               f"img_per_s={seen / max(train_seconds, 1e-9):.0f} world={world}")
-    if world > 1:
+    if distributed:
         dist.destroy_process_group()
 
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
-from common import get_device, seed_everything
+from common import autocast, cpu_has_native_bf16, get_device, precision_for, rnn_fp32, seed_everything, synchronize
 
 PAD, SOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<sos>", "<eos>", "<unk>"]
@@ -321,8 +321,9 @@ class Encoder(nn.Module):
     def forward(self, src, src_len):  # src (B, S)
         x = self.dropout(self.embedding(src))  # (B, S, H)
         # Packing makes the GRU stop at each sentence's real end, so padding never enters the state.
+        # (It needs the lengths on the host: training passes them there, so no GPU sync is needed.)
         packed = pack_padded_sequence(x, src_len.cpu(), batch_first=True, enforce_sorted=False)
-        out, h = self.gru(packed)
+        out, h = rnn_fp32(self.gru, packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])  # (B, S, dirs*H)
         if self.gru.bidirectional:  # sum the two directions, as the chatbot tutorial does
             H = self.gru.hidden_size
@@ -388,6 +389,7 @@ class Decoder(nn.Module):
             # sum_s a_ts (W_c h_s). So W_c is applied to the S encoder states once, and each step
             # attends over these (B, S, 3H) values directly: no context product inside the loop.
             values = F.linear(enc_out, self.gru.weight_ih_l0[:, self.gru.hidden_size:])
+        src_len = src_len.to(enc_out.device, non_blocking=True)  # from the host, without waiting for the GPU
         pad = torch.arange(enc_out.shape[1], device=enc_out.device).unsqueeze(0) >= src_len.unsqueeze(1)  # (B, S)
         pad_bias = torch.zeros(pad.shape, device=enc_out.device).masked_fill(pad, float("-inf"))
         return keys, values, pad_bias
@@ -398,7 +400,7 @@ class Decoder(nn.Module):
         if self.kind == "bahdanau":  # the query is the previous state, so step through time
             out, hidden, weights = self.bahdanau_steps(x, hidden, *memory)
         else:
-            out, hidden = self.gru(x, hidden)  # all T steps in one call
+            out, hidden = rnn_fp32(self.gru, x, hidden)  # all T steps in one call
             if self.attention is not None:
                 context, weights = self.attention(out, *memory)
                 out = torch.tanh(self.combine(torch.cat([out, context], -1)))  # Luong eq. 5: h~ = tanh(Wc [c; h])
@@ -443,7 +445,7 @@ class Decoder(nn.Module):
         return torch.stack(outs, 1), torch.stack(h), torch.cat(ws, 1)  # (B, T, H), (L, B, H), (B, T, S)
 
     def project(self, features):  # (..., H) -> (..., V) logits over the target vocabulary
-        # The largest product of the model (N x H x V): with bf16_output it alone runs in bf16 (see choose_precision).
+        # The largest product of the model (N x H x V): with bf16_output it alone runs in bf16 (see bf16_output_layer).
         with torch.autocast(features.device.type, dtype=torch.bfloat16) if self.bf16_output else nullcontext():
             return self.out(self.dropout(features))
 
@@ -459,10 +461,11 @@ class Seq2Seq(nn.Module):
         return self.decoder.memory(enc_out, src_len), hidden  # the memory is computed once and reused at every step
 
     def forward(self, src, src_len, tgt_in, keep):
-        """Teacher forcing: logits (N, V) for the N positions where keep (B, T) is True. The
-        output layer is the costliest matmul, so padding positions never reach it."""
+        """Teacher forcing: logits (N, V) for the N real target positions keep (N,), indices into
+        the flattened (B * T) positions (see real_positions). The output layer is the costliest
+        matmul, so padding positions never reach it."""
         memory, hidden = self.encode(src, src_len)
-        return self.decoder.project(self.decoder(tgt_in, hidden, memory)[0][keep])
+        return self.decoder.project(self.decoder(tgt_in, hidden, memory)[0].flatten(0, 1)[keep])
 
     def free_running(self, src, src_len, T, keep):
         """Training without teacher forcing: each step is fed the model's own previous guess."""
@@ -472,9 +475,9 @@ class Seq2Seq(nn.Module):
             features, hidden, _ = self.decoder(token, hidden, memory)
             logits.append(self.decoder.project(features))
             token = logits[-1].argmax(-1).detach()
-        return torch.cat(logits, 1)[keep]
+        return torch.cat(logits, 1).flatten(0, 1)[keep]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def greedy(self, src, src_len, max_len):
         """Batched greedy decoding: (B, L) tokens and (B, L, S) attention; stops when all have <eos>."""
         memory, hidden = self.encode(src, src_len)
@@ -491,21 +494,22 @@ class Seq2Seq(nn.Module):
                 break
         return torch.cat(tokens, 1), torch.cat(weights, 1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def beam_search(self, src, src_len, beam, max_len):
         """Beam search for one sentence (src (1, S)); the beams travel as a batch. Finished
         hypotheses are ranked by mean log-probability per token, so longer ones are not punished.
         With beam 1 it is exactly greedy decoding. Returns (tokens, attention (L, S))."""
         memory, hidden = self.encode(src, src_len)
         memory = tuple(m.expand(beam, *m.shape[1:]) if m is not None else None for m in memory)
-        hidden = hidden.expand(-1, beam, -1).contiguous()
+        # hidden (layers, k, H) holds the k live hypotheses' states, one at the start. It is kept
+        # contiguous: cuDNN refuses a strided hx (a slice such as hidden[:, :1] with 2+ layers).
         scores = torch.zeros(1, device=src.device)  # log-probabilities of the live hypotheses
         seqs, attns = [[]], [[]]
         finished = []  # (score per token, tokens, attention rows)
         token = torch.full((1, 1), SOS, device=src.device)
         for step in range(max_len):
             k = len(seqs)
-            features, h, w = self.decoder(token, hidden[:, :k], tuple(m[:k] if m is not None else None for m in memory))
+            features, h, w = self.decoder(token, hidden, tuple(m[:k] if m is not None else None for m in memory))
             logp = self.decoder.project(features[:, -1]).float().log_softmax(-1) + scores.unsqueeze(1)  # (k, V)
             top, flat = logp.flatten().topk(min(2 * beam, logp.numel()))
             keep, new_scores, new_seqs, new_attns = [], [], [], []
@@ -591,44 +595,33 @@ def batches(src_len, tgt_len, batch_size, generator):
     return [out[j] for j in torch.randperm(len(out), generator=generator)]
 
 
-def choose_precision(device_type, choice="auto", gpu_capability=None, cpu_native_bf16=False):
-    """-> (mode, whether a GradScaler is needed); mode is "bf16" (autocast everything), "fp16"
-    (likewise), "bf16-output" (only the output layer) or "off". Pure, so the rule is testable
-    without a GPU; `precision_for(device, choice)` fills in the facts of this machine.
-
-    The PyTorch AMP recipe: fp16 has 5 exponent bits, so small gradients underflow to zero; the
-    GradScaler multiplies the loss by a large factor before backward and divides the gradients
-    by it before clipping and the step (skipping steps whose gradients overflowed). bf16 has
-    fp32's 8 exponent bits and needs no scaler, but only GPUs from Ampere on (compute capability
-    8.0) have bf16 tensor cores; older ones (a T4 is 7.5) get fp16 and the scaler. On a CPU with
-    native bf16 (AVX512-BF16 or AMX) only the (N x H x V) output product gains (about 2x), while
-    the recurrent steps' small products run slower in bf16 (the casts cost more than they save);
-    without native bf16, oneDNN emulates it and it only costs time. MPS stays fp32."""
-    if choice != "auto":
-        return choice, choice == "fp16"
-    if device_type == "cuda":
-        return ("bf16", False) if gpu_capability >= (8, 0) else ("fp16", True)
-    return ("bf16-output" if device_type == "cpu" and cpu_native_bf16 else "off"), False
+def bf16_output_layer(device_type, choice, cpu_native_bf16):
+    """seq2seq's addition to the --amp rule of common.py: "bf16-output" runs only the (N x H x V)
+    output product in bf16, and auto chooses it on a CPU with native bf16 (AVX512-BF16 or AMX),
+    where that product gains about 2x while the recurrent steps' small products run slower in
+    bf16 (the casts cost more than they save)."""
+    return choice == "bf16-output" or (choice == "auto" and device_type == "cpu" and cpu_native_bf16)
 
 
-def precision_for(device, choice):
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return choose_precision(device.type, choice, capability, native)
+def real_positions(lengths, T):
+    """lengths (B,) on the host -> (N,) indices of the real (not padding) positions of a (B, T)
+    batch, flattened row by row. Computed on the host from the lengths, so selecting them on a
+    GPU needs no sync (a boolean mask would: its size is known only after counting)."""
+    return (torch.arange(T) < lengths.cpu()[:, None]).flatten().nonzero().squeeze(1)
 
 
-def train_step(model, optimizer, scaler, src, src_len, tgt, teacher_forcing, clip, amp):
-    """One update on a batch: src (B, S) with lengths (B,), tgt (B, T) ending in <eos>, padded."""
+def train_step(model, optimizer, scaler, src, src_len, tgt, tgt_len, teacher_forcing, clip, amp_dtype):
+    """One update on a batch: src (B, S) and tgt (B, T) padded, tgt ending in <eos>; their lengths
+    src_len, tgt_len (B,) on the host. Returns the loss, left on the device (reading it would sync)."""
     tgt_in = torch.cat([torch.full_like(tgt[:, :1], SOS), tgt[:, :-1]], 1)  # shifted right: <sos> w1 w2 ...
-    keep = tgt != PAD  # (B, T): the real target positions
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    with torch.autocast(src.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    keep = real_positions(tgt_len, tgt.shape[1]).to(tgt.device, non_blocking=True)  # (N,) the real target positions
+    with autocast(src.device, amp_dtype):
         if random.random() < teacher_forcing:  # decided per batch, as in the chatbot tutorial
             logits = model(src, src_len, tgt_in, keep)  # (N, V)
         else:
             logits = model.free_running(src, src_len, tgt.shape[1], keep)
         # Masked loss: only real positions count, so padding does not dilute short sentences.
-        loss = F.cross_entropy(logits.float(), tgt[keep])
+        loss = F.cross_entropy(logits.float(), tgt.flatten()[keep])
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # with the scaler off (everything but fp16) these are plain backward() ...
     scaler.unscale_(optimizer)  # fp16: true gradients before clipping
@@ -690,13 +683,14 @@ def main():
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default: %(default)s)")
     parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (default: %(default)s)")
     parser.add_argument("--beam", type=int, default=1, help="beam size for the final test evaluation; 1 is greedy (default: %(default)s)")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "bf16-output", "off"], help="autocast: everything in bf16 or fp16, the output layer only in bf16, or nothing; auto: bf16 on GPUs from Ampere on, fp16 with a GradScaler on older GPUs, the output layer on CPUs with native bf16 (default: %(default)s)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "bf16-output", "off"], help="mixed precision: everything in bf16 or fp16 (the GRUs in fp32 under bf16), the output layer only in bf16, or nothing; auto: bf16 on GPUs from Ampere on, fp16 with a GradScaler on older GPUs (a T4), the output layer on CPUs with native bf16 (default: %(default)s)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "seq2seq.pt"), help="checkpoint path (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
     args = parser.parse_args()
     print("settings:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
-    seed_everything(args.seed)
+    seed_everything(args.seed, args.deterministic)
     device = get_device(args.device)
     args.max_length = args.max_length or (16 if args.data == "builtin" else 10)
 
@@ -722,7 +716,7 @@ def main():
     for s, t in train_pairs[:3]:
         print(f"  example: {s}  ->  {t}")
     src, src_len, tgt = to_tensors(train_pairs, src_vocab, tgt_vocab, device)
-    tgt_len = (tgt != PAD).sum(1)
+    src_len, tgt_len = src_len.cpu(), (tgt != PAD).sum(1).cpu()  # lengths stay on the host: batching and trimming read them
 
     # ---- model
     model_args = dict(src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab), hidden=args.hidden, layers=args.layers,
@@ -730,9 +724,10 @@ def main():
     model = Seq2Seq(**model_args).to(device)
     # fused=True: one kernel updates every parameter, instead of a handful of ops per tensor
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))
-    amp, needs_scaler = precision_for(device, args.amp)
-    model.decoder.bf16_output = amp == "bf16-output"
-    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see choose_precision
+    amp_dtype, needs_scaler = precision_for(device, "off" if args.amp == "bf16-output" else args.amp)
+    model.decoder.bf16_output = amp_dtype is None and bf16_output_layer(device.type, args.amp, cpu_has_native_bf16())
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see common.choose_precision
+    amp = "bf16-output" if model.decoder.bf16_output else str(amp_dtype).replace("torch.", "") if amp_dtype else "off"
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, attention {args.attention}, on {device}, "
           f"autocast {amp}{' +GradScaler' if needs_scaler else ''}")
 
@@ -744,14 +739,16 @@ def main():
         model.train()
         t0, loss_sum, n_batches = time.time(), torch.zeros((), device=device), 0
         for idx in batches(src_len, tgt_len, args.batch_size, generator):
-            idx = idx.to(device)
-            S, T = int(src_len[idx].max()), int(tgt_len[idx].max())  # trim padding to this batch's longest
-            loss = train_step(model, optimizer, scaler, src[idx, :S], src_len[idx], tgt[idx, :T], args.teacher_forcing, args.clip, amp)
+            S, T = int(src_len[idx].max()), int(tgt_len[idx].max())  # trim padding to this batch's longest (host tensors: no sync)
+            rows = idx.to(device, non_blocking=True)
+            loss = train_step(model, optimizer, scaler, src[rows, :S], src_len[idx], tgt[rows, :T], tgt_len[idx],
+                              args.teacher_forcing, args.clip, amp_dtype)
             loss_sum += loss
             n_batches += 1
             seen += len(idx)
             if args.time_limit and train_time + time.time() - t0 > args.time_limit:
                 break
+        synchronize(device)  # the epoch's GPU work is done before the clock is read
         dt = time.time() - t0
         train_time += dt
         bleu, exact, outputs = translate_split(model, val_pairs, src_vocab, tgt_vocab, device, max_len)

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
-from common import get_device, seed_everything
+from common import autocast, get_device, precision_for, rnn_fp32, seed_everything, synchronize
 
 LOWEST, KEYS = 21, 88  # the piano: MIDI notes 21 (A0) to 108 (C8)
 DRUMS = 9  # MIDI channel 10, counted from 0
@@ -361,7 +361,7 @@ class Encoder(nn.Module):
 
     def forward(self, roll):  # (B, T, 88, 2) in {0, 1}
         x = self.drop(torch.relu(self.inp(roll.flatten(2))))  # (B, T, H)
-        out, _ = self.lstm(x)
+        out, _ = rnn_fp32(self.lstm, x)  # in fp32 under bf16 autocast: see common.rnn_fp32
         return self.drop(out)  # (B, T, 2H): each step sees the whole window, past and future
 
 
@@ -378,7 +378,7 @@ class LuongDecoder(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, enc, mask=None):  # enc (B, T, 2H), mask (B, T) True at real steps, None: all real
-        h, _ = self.lstm(enc)  # (B, T, H): one call over the whole window
+        h, _ = rnn_fp32(self.lstm, enc)  # (B, T, H): one call over the whole window
         scores = h @ self.score(enc).transpose(1, 2)  # (B, T, T): step t against every step s
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
@@ -413,9 +413,11 @@ class ToneNet(nn.Module):
         -> velocity (B, T, 88) in 0..127."""
         enc = self.encoder(roll)
         logits = torch.empty(enc.shape[:2] + (KEYS,), device=enc.device, dtype=enc.dtype)
+        style = style.cpu()  # which window goes where is decided on the host: nonzero() of a GPU tensor waits for the GPU
         for s, head in enumerate(self.heads):  # each style's windows go through that style's decoder
             idx = (style == s).nonzero().squeeze(1)
             if len(idx):
+                idx = idx.to(enc.device, non_blocking=True)
                 logits[idx] = head(enc[idx], None if mask is None else mask[idx]).to(logits.dtype)
         return torch.sigmoid(logits.float()) * 127
 
@@ -425,9 +427,29 @@ class ToneNet(nn.Module):
         n = -(-T // window)  # windows, the last padded
         x = F.pad(roll.float(), (0, 0, 0, 0, 0, n * window - T)).view(n, window, KEYS, 2)
         mask = (torch.arange(n * window, device=roll.device) < T).view(n, window)  # attention ignores the padding
-        style = torch.full((n,), style_index, device=roll.device)
+        style = torch.full((n,), style_index)  # on the host, as forward() routes by it
         out = [self(x[i:i + batch_size], style[i:i + batch_size], mask[i:i + batch_size]) for i in range(0, n, batch_size)]
         return torch.cat(out).reshape(n * window, KEYS)[:T]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_step(model, optimizer, scaler, x, target, style, clip, amp_dtype):
+    """One update: x (B, T, 88, 2) the notes, target (B, T, 88) velocities / 127, style (B,) on the
+    host. Returns the loss, left on the device (reading it would make the CPU wait for the GPU)."""
+    struck = x[..., 0]  # (B, T, 88) 1 where a key is struck: only struck keys have a velocity
+    with autocast(x.device, amp_dtype):
+        pred = model(x, style) / 127
+    # the mean squared error over the struck keys, as a masked sum (pred[struck] would wait for the GPU to count them)
+    loss = ((pred - target) ** 2 * struck).sum() / struck.sum().clamp_min(1)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # with the scaler off (fp32, bf16) these are plain backward() ...
+    scaler.unscale_(optimizer)  # fp16: true gradients before clipping
+    nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+    scaler.step(optimizer)  # ... and step()
+    scaler.update()
+    return loss.detach()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -438,7 +460,7 @@ def pearson(a, b):
     return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-9))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model, split, styles, window, device, train_means):
     """Per style, over every struck note of the split's files: the model's MAE (MIDI units) and
     Pearson correlation, and three baselines on the same notes: a constant 64, the style's mean
@@ -514,10 +536,12 @@ def main():
     parser.add_argument("--clip", type=float, default=10.0, help="gradient norm clipping (default: %(default)s)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "tonenet.pt"), help="checkpoint path (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision (the LSTMs stay in fp32 under bf16); auto: bf16 on GPUs from Ampere on, fp16 with a GradScaler on older GPUs (a T4), fp32 on CPUs and MPS (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
     args = parser.parse_args()
     print("settings:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
-    seed_everything(args.seed)
+    seed_everything(args.seed, args.deterministic)
     device = get_device(args.device)
     if args.window < 8 or args.steps_per_beat < 1:
         fail("--window must be at least 8 and --steps-per-beat at least 1")
@@ -537,7 +561,7 @@ def main():
         train_means[style] = float(np.concatenate([v[r[..., 0] == 1] for _, r, v in split["train"][style]]).mean())
     roll = torch.cat([p[0] for p in parts]).to(device)  # (N, W, 88, 2) uint8
     vel = torch.cat([p[1] for p in parts]).to(device)  # (N, W, 88) uint8
-    style_of = torch.cat([p[2] for p in parts]).to(device)  # (N,)
+    style_of = torch.cat([p[2] for p in parts])  # (N,) on the host: the model routes windows by it
     for style in styles:
         print(f"data: {style}: {len(split['train'][style])} train / {len(split['val'][style])} val / {len(split['test'][style])} test files, "
               f"mean training velocity {train_means[style]:.1f}")
@@ -546,9 +570,11 @@ def main():
     # ---- model
     model_args = dict(styles=styles, hidden=args.hidden, layers=args.layers, dropout=args.dropout, model=args.model)
     model = ToneNet(**model_args).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # LSTMs in bf16 on CUDA
-    print(f"model: {args.model}, {sum(p.numel() for p in model.parameters()):,} parameters, {len(styles)} style heads, on {device}")
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
+    amp_dtype, needs_scaler = precision_for(device, args.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see common.choose_precision
+    print(f"model: {args.model}, {sum(p.numel() for p in model.parameters()):,} parameters, {len(styles)} style heads, on {device}, "
+          f"autocast {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}{' +GradScaler' if needs_scaler else ''}")
 
     # ---- training
     out, best, train_time, seen = Path(args.out), float("inf"), 0.0, 0
@@ -556,23 +582,16 @@ def main():
     for epoch in range(1, args.epochs + 1):
         t0, loss_sum, n_batches = time.time(), torch.zeros((), device=device), 0
         for idx in torch.randperm(len(roll), generator=generator).split(args.batch_size):  # all styles' windows shuffled together
-            idx = idx.to(device)
-            x, target = roll[idx].float(), vel[idx].float() / 127
+            rows = idx.to(device, non_blocking=True)
+            x, target = roll[rows].float(), vel[rows].float() / 127
             if args.transpose:  # augmentation: the same performance a few keys higher or lower
                 x, target = shift_keys(x, target, int(torch.randint(-args.transpose, args.transpose + 1, (), generator=generator)))
-            struck = x[..., 0].bool()  # (B, W, 88): only struck keys have a velocity
-            with amp:
-                pred = model(x, style_of[idx]) / 127
-            loss = F.mse_loss(pred[struck], target[struck])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            optimizer.step()
-            loss_sum += loss.detach()
+            loss_sum += train_step(model, optimizer, scaler, x, target, style_of[idx], args.clip, amp_dtype)  # on the device
             n_batches += 1
             seen += len(idx)
             if args.time_limit and train_time + time.time() - t0 > args.time_limit:
                 break
+        synchronize(device)  # the epoch's GPU work is done before the clock is read
         dt = time.time() - t0
         train_time += dt
         report = evaluate(model, split["val"], styles, args.window, device, train_means)

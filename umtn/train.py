@@ -38,7 +38,7 @@ from scipy.signal import lfilter, resample_poly
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
-from common import get_device, seed_everything
+from common import autocast, get_device, precision_for, seed_everything, synchronize, torchrun_device
 
 MU = 255  # 8-bit mu-law: 256 classes
 DOMAINS = ("pluck", "organ", "reed")
@@ -283,12 +283,13 @@ class UMTN(nn.Module):
 
     def forward(self, audio_in, prev, target, domain):
         """audio_in (B, T) the (augmented) input, prev (B, T) the classes shifted right, target (B, T)
-        the classes to predict, domain (B,) -> the reconstruction loss (nats per sample), each item
-        through its own domain's decoder, and the latent (B, L, F)."""
+        the classes to predict, domain (B,) on the host -> the reconstruction loss (nats per sample),
+        each item through its own domain's decoder, and the latent (B, L, F)."""
         z = self.encoder(audio_in)
         loss = 0
         for d, decoder in enumerate(self.decoders):
-            idx = (domain == d).nonzero().squeeze(1)
+            # the items of domain d, found on the host: nonzero() of a GPU tensor would wait for the GPU
+            idx = (domain.cpu() == d).nonzero().squeeze(1).to(z.device, non_blocking=True)
             logits = decoder(prev[idx], z[idx])  # (b, T, 256)
             loss = loss + F.cross_entropy(logits.flatten(0, 1).float(), target[idx].flatten(), reduction="sum")
         return loss / target.numel(), z
@@ -297,30 +298,70 @@ class UMTN(nn.Module):
 def augment(audio, generator):
     """Pitch augmentation (Mor et al. sec. 3.3): a random 1/4 to 1/2 of each segment is shifted by
     up to +-0.5 semitone, so the encoder cannot memorise exact pitch and timbre. The shift is a
-    resampling: n * ratio samples of the input are played in n samples, which multiplies every
-    frequency by the ratio and leaves no gap."""
+    resampling: `span` = n * ratio samples of the input are played in n samples, which multiplies
+    every frequency by the ratio and leaves no gap. audio (B, T) on any device; the random choices
+    are drawn on the host from `generator`, the resampling is done for the whole batch at once as
+    linear interpolation (F.interpolate's, align_corners=False)."""
     B, T = audio.shape
-    out = audio.clone()
-    for i in range(B):
-        n = int(T * (0.25 + 0.25 * float(torch.rand((), generator=generator))))
-        ratio = 2 ** ((float(torch.rand((), generator=generator)) - 0.5) / 12)
-        span = min(T, round(n * ratio))
-        s = int(torch.randint(0, T - max(n, span) + 1, (), generator=generator))
-        piece = audio[i, s:s + span].view(1, 1, -1)
-        out[i, s:s + n] = F.interpolate(piece, size=n, mode="linear", align_corners=False).view(-1)
-    return out
+    u = torch.rand(B, 3, generator=generator, dtype=torch.float64)
+    n = (T * (0.25 + 0.25 * u[:, 0])).long()  # (B,) samples shifted
+    span = (n * 2 ** ((u[:, 1] - 0.5) / 12)).round().long().clamp(max=T)  # (B,) samples of input they play
+    start = (u[:, 2] * (T - torch.maximum(n, span) + 1)).long()
+    n, span, start = (v.to(audio.device, non_blocking=True)[:, None] for v in (n, span, start))
+    j = torch.arange(T, device=audio.device)[None] - start  # (B, T) position inside the shifted part
+    src = ((j + 0.5) * (span / n) - 0.5).clamp(min=0)  # where in the input each output sample lies
+    i0 = src.long().clamp(max=span - 1)
+    frac = (src - i0).to(audio.dtype)
+    i1 = (i0 + 1).clamp(max=span - 1)
+    at = lambda i: audio.gather(1, (start + i).clamp(0, T - 1))
+    shifted = at(i0) * (1 - frac) + at(i1) * frac
+    return torch.where((j >= 0) & (j < n), shifted, audio)
+
+
+def train_step(ae, dc, opt, opt_dc, scaler, audio_in, prev, target, domain, dc_lambda, amp_dtype):
+    """One step of the alternating training (Mor et al. eq. 1-2): the domain classifier `dc` learns
+    to name the domain from the latent, then the autoencoder `ae` (encoder and decoders) learns to
+    reconstruct while making the classifier wrong. Either may be wrapped in DDP. audio_in (B, T)
+    the augmented input, prev and target (B, T) classes, domain (B,) on the host. Returns the
+    reconstruction loss (nats per sample) and the classifier's loss, left on the device."""
+    model, classifier = getattr(ae, "module", ae), getattr(dc, "module", dc)
+    device, d_idx = audio_in.device, domain.to(audio_in.device, non_blocking=True)
+    # 1) the domain classifier, on the latent of the encoder as it is
+    with torch.no_grad(), autocast(device, amp_dtype):
+        z = model.encoder(audio_in)
+    with autocast(device, amp_dtype):
+        dc_loss = F.cross_entropy(dc(z.float()), d_idx)
+    opt_dc.zero_grad(set_to_none=True)
+    scaler.scale(dc_loss).backward()  # with the scaler off (fp32, bf16) these are plain backward() ...
+    scaler.unscale_(opt_dc)  # fp16: true gradients before clipping
+    nn.utils.clip_grad_value_(classifier.parameters(), 1.0)
+    scaler.step(opt_dc)  # ... and step()
+    # 2) encoder and decoders: reconstruct, minus lambda times the classifier's loss
+    with autocast(device, amp_dtype):
+        rec, z = ae(audio_in, prev, target, domain)
+        confusion = F.cross_entropy(classifier(z.float()), d_idx)
+        loss = rec - dc_lambda * confusion
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    nn.utils.clip_grad_value_(model.parameters(), 1.0)  # the reference clips by value at 1
+    scaler.step(opt)
+    scaler.update()  # once per step, after both optimizers (the AMP recipe for several optimizers)
+    return rec.detach(), confusion.detach()
 
 
 # ----------------------------------------------------------------------------- generation
 
 
 def gumbel_noise(shape, n, seed, dtype, device, block=512):
-    """Gumbel noise for sampling, block by block: (t, K, B, 256) for t steps at a time, from one
-    seeded generator, so that every path that asks in the same order gets the same numbers."""
-    g = torch.Generator().manual_seed(seed)
+    """Gumbel noise for sampling, block by block: (t, K, B, 256) for t steps at a time, drawn on
+    the device in the model's dtype from one seeded generator, so that every path that asks in
+    the same order (fast and naive generation) gets the same numbers."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    tiny, eps = torch.finfo(dtype).tiny, torch.finfo(dtype).eps
     for t0 in range(0, n, block):
-        u = torch.rand((min(block, n - t0),) + shape + (MU + 1,), generator=g, dtype=torch.float64)
-        yield (-torch.log(-torch.log(u.clamp(1e-12, 1 - 1e-12)))).to(device=device, dtype=dtype)
+        u = torch.rand((min(block, n - t0),) + shape + (MU + 1,), generator=g, dtype=dtype, device=device)
+        yield -torch.log(-torch.log(u.clamp_(tiny, 1 - eps)))
 
 
 @torch.inference_mode()
@@ -609,24 +650,27 @@ def main():
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate, both parts; reference 1e-3 (default: %(default)s)")
     parser.add_argument("--lr-decay", type=float, default=0.995, help="autoencoder rate times this every 1,000 steps, as the reference (default: %(default)s)")
     parser.add_argument("--eval-seconds", type=float, default=1.0, help="builtin: seconds of each held-out clip translated at the end (default: %(default)s)")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (default: %(default)s)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision; auto: bf16 on GPUs from Ampere on, fp16 with a GradScaler on older GPUs (a T4), fp32 on CPUs (where bf16 made a step slower) and MPS (default: %(default)s)")
     parser.add_argument("--log-every", type=int, default=100, help="steps between progress lines (default: %(default)s)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "umtn.pt"), help="checkpoint path (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
     args = parser.parse_args()
 
-    # ---- processes: torchrun sets WORLD_SIZE; each process trains on its own batches
+    # ---- processes: torchrun sets WORLD_SIZE and LOCAL_RANK; each process trains on its own batches
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = get_device(args.device)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    distributed = "LOCAL_RANK" in os.environ  # under torchrun, even with one process
+    if distributed:
+        device, backend = torchrun_device(args.device)  # GPU number LOCAL_RANK (NCCL), or the CPU (Gloo)
+        dist.init_process_group(backend)
+    else:
+        device = get_device(args.device)
     say = print if rank == 0 else (lambda *a, **k: None)
     say("settings:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
-    seed_everything(args.seed)  # the same data and initial weights in every process
+    seed_everything(args.seed, args.deterministic)  # the same data and initial weights in every process
+    if device.type == "cuda" and not args.deterministic:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: time cuDNN's convolution algorithms once, keep the fastest
 
     # ---- data
     if args.data == "builtin":
@@ -647,10 +691,12 @@ def main():
             train[d] = [c for c in train[d] if len(c) > args.segment]
             if not train[d]:
                 fail(f"domain {d}: every training clip is shorter than --segment {args.segment} samples")
-    # every domain's training audio as one tensor on the device, with the clips' start offsets
-    pools = [torch.from_numpy(np.concatenate(train[d])).to(device) for d in domains]
-    starts = [torch.tensor(np.cumsum([0] + [len(c) for c in train[d]])[:-1]) for d in domains]
-    lengths = [torch.tensor([len(c) for c in train[d]]) for d in domains]
+    # all training audio as one tensor on the device; per clip its start, its length and its domain
+    pool = torch.from_numpy(np.concatenate([c for d in domains for c in train[d]])).to(device)
+    clip_len = torch.tensor([len(c) for d in domains for c in train[d]])
+    clip_start = clip_len.cumsum(0) - clip_len
+    first_clip = torch.tensor(np.cumsum([0] + [len(train[d]) for d in domains])[:-1])  # (D,) index of each domain's first clip
+    n_clips = torch.tensor([len(train[d]) for d in domains])
     say(f"data: {', '.join(f'{d} {len(train[d])} train / {len(test[d])} test clips' for d in domains)}; {args.rate} Hz")
 
     # ---- model
@@ -660,77 +706,59 @@ def main():
     model = UMTN(**model_args).to(device)
     classifier = DomainClassifier(args.latent, args.dc_channels, len(domains)).to(device)
     ae, dc = model, classifier
-    if world > 1:  # gradients are averaged across processes inside backward()
+    if distributed:  # gradients are averaged across processes inside backward()
         ae, dc = DDP(model), DDP(classifier)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    opt_dc = torch.optim.Adam(classifier.parameters(), lr=args.lr)
+    fused = device.type in ("cpu", "cuda")  # one kernel updates every tensor
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=fused)
+    opt_dc = torch.optim.Adam(classifier.parameters(), lr=args.lr, fused=fused)
     sched = torch.optim.lr_scheduler.StepLR(opt, 1000, args.lr_decay)
     segment = args.segment - args.segment % args.pool  # whole latent frames
-    # bf16 autocast on CUDA only: on a CPU with native bf16 a training step measured 1.6x slower
-    # (at 32 channels the casts cost more than the faster products save)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.bf16)
+    amp_dtype, needs_scaler = precision_for(device, args.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see common.choose_precision
     say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({len(domains)} decoders, receptive field "
         f"{model.decoders[0].receptive_field()} samples), domain classifier {sum(p.numel() for p in classifier.parameters()):,}; on {device}"
-        + (f", {world} processes" if world > 1 else ""))
+        + (f", {world} processes" if world > 1 else "")
+        + f"; autocast {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}{' +GradScaler' if needs_scaler else ''}")
 
     # ---- training: alternate the classifier's step and the autoencoder's step (Mor et al. eq. 1-2)
-    g = torch.Generator().manual_seed(args.seed + 1000 * rank)
+    g = torch.Generator().manual_seed(args.seed + 1000 * rank)  # on the host: which clips, where, how much pitch shift
+    g_dev = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank)  # on the device: the input noise
     domain_of = torch.arange(args.batch_size) % len(domains)  # every domain in every batch, so every decoder trains
-    out, t_start, log = Path(args.out), time.time(), {"rec": 0.0, "dc": 0.0, "n": 0}
-    first_bits = None
+    offsets = torch.arange(segment + 1, device=device)
+    out, t_start = Path(args.out), time.time()
+    log_rec, log_dc, log_n = torch.zeros((), device=device), torch.zeros((), device=device), 0  # summed on the device
     for step in range(1, args.steps + 1):
-        # a random segment of a random clip of each item's domain, cut from the device tensor
-        batch = []
-        for d in domain_of.tolist():
-            c = int(torch.randint(len(lengths[d]), (), generator=g))
-            s = int(starts[d][c] + torch.randint(int(lengths[d][c]) - segment, (), generator=g))
-            batch.append(pools[d][s:s + segment + 1])
-        clean = torch.stack(batch)  # (B, segment + 1)
+        # a random segment of a random clip of each item's domain, cut from the device tensor in one gather
+        clip = first_clip[domain_of] + (torch.rand(args.batch_size, generator=g) * n_clips[domain_of]).long()
+        start = clip_start[clip] + (torch.rand(args.batch_size, generator=g) * (clip_len[clip] - segment)).long()
+        clean = pool[start.to(device, non_blocking=True)[:, None] + offsets]  # (B, segment + 1)
         codes = mu_law_encode(clean)
         prev, target = codes[:, :-1], codes[:, 1:]  # predict each sample from the ones before it
         if args.input_noise:  # a noisy past: the decoder cannot just continue the waveform, it must read the latent
-            prev = mu_law_encode((clean[:, :-1] + args.input_noise * torch.randn(clean[:, :-1].shape, generator=g).to(device)).clamp(-1, 1))
-        audio_in = augment(clean[:, :-1].cpu(), g).to(device) if args.augment else clean[:, :-1]
-        d_idx = domain_of.to(device)
+            noise = torch.randn(prev.shape, generator=g_dev, device=device)
+            prev = mu_law_encode((clean[:, :-1] + args.input_noise * noise).clamp(-1, 1))
+        audio_in = augment(clean[:, :-1], g) if args.augment else clean[:, :-1]
 
-        # 1) the domain classifier learns to name the domain from the latent
-        with torch.no_grad(), amp:
-            z = model.encoder(audio_in)
-        with amp:
-            dc_loss = F.cross_entropy(dc(z.float()), d_idx)
-        opt_dc.zero_grad(set_to_none=True)
-        dc_loss.backward()
-        nn.utils.clip_grad_value_(classifier.parameters(), 1.0)
-        opt_dc.step()
-
-        # 2) encoder and decoders: reconstruct, while making the classifier wrong (minus lambda)
-        with amp:
-            rec, z = ae(audio_in, prev, target, d_idx)
-            confusion = F.cross_entropy(classifier(z.float()), d_idx)
-            loss = rec - args.dc_lambda * confusion
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_value_(model.parameters(), 1.0)  # the reference clips by value at 1
-        opt.step()
+        rec, confusion = train_step(ae, dc, opt, opt_dc, scaler, audio_in, prev, target, domain_of, args.dc_lambda, amp_dtype)
         sched.step()
 
-        bits = rec.item() / math.log(2)
-        first_bits = first_bits or bits
-        log["rec"] += bits
-        log["dc"] += confusion.item()
-        log["n"] += 1
+        if step == 1:
+            first_rec = rec
+        log_rec, log_dc, log_n = log_rec + rec, log_dc + confusion, log_n + 1
         elapsed = time.time() - t_start
         last = step == args.steps or (args.time_limit and elapsed > args.time_limit)
         if step % args.log_every == 0 or last:
-            n = log["n"]
-            final_bits = log["rec"] / n  # reported at the end: the mean of the last window, steadier than one step
+            synchronize(device)  # the GPU's queued steps are done before the clock is read
+            elapsed = time.time() - t_start
+            final_bits = log_rec.item() / log_n / math.log(2)  # reported at the end: the last window's mean, steadier than one step
             total = min(args.steps, args.steps if not args.time_limit else int(step * args.time_limit / elapsed))
-            say(f"step {step}/{args.steps} | loss {log['rec'] / n:.3f} bits/sample | domain loss {log['dc'] / n:.3f} "
+            say(f"step {step}/{args.steps} | loss {final_bits:.3f} bits/sample | domain loss {log_dc.item() / log_n:.3f} "
                 f"(chance {math.log(len(domains)):.3f}) | {step * args.batch_size * segment * world / elapsed:,.0f} samples/s | "
                 f"{1000 * elapsed / step:.0f} ms/step | elapsed {elapsed:.0f}s | eta {max(0, (total - step)) * elapsed / step:.0f}s")
-            log = {"rec": 0.0, "dc": 0.0, "n": 0}
+            log_rec, log_dc, log_n = torch.zeros((), device=device), torch.zeros((), device=device), 0
         if last:
             break
+    first_bits = first_rec.item() / math.log(2)
     train_time = time.time() - t_start
     if rank == 0:
         save_checkpoint({"kind": "umtn", "model": model.state_dict(), "classifier": classifier.state_dict(),
@@ -757,7 +785,7 @@ def main():
         result += f" lsd={lsd:.2f} lsd_input={lsd_in:.2f} lsd_silence={lsd_sil:.2f} pitch_acc={100 * pitch:.1f} " \
                   f"pitch_acc_input={100 * pitch_in:.1f} pitch_acc_silence={100 * pitch_sil:.1f} timbre_acc={100 * like:.1f} timbre_acc_input={100 * like_in:.1f}"
     say(result)
-    if world > 1:
+    if distributed:
         dist.destroy_process_group()
 
 
