@@ -121,7 +121,9 @@ def choose_precision(device_type, choice="auto", gpu_capability=None, cpu_native
 
 
 def cpu_has_native_bf16():
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    """AVX512-BF16 or AMX; PyTorch before 2.5 cannot tell, and then the answer is no (fp32)."""
+    ask = lambda name: getattr(torch.cpu, name, lambda: False)()
+    return ask("_is_avx512_bf16_supported") or ask("_is_amx_tile_supported")
 
 
 def precision_for(device, choice, bf16_helps_on_cpu=False):
