@@ -765,6 +765,40 @@ def test_umtn_pitch_augmentation_resamples_like_interpolate():
     assert not torch.equal(out, audio)
 
 
+def test_umtn_translation_metrics_rank_known_cases():
+    # Before a metric judges a model it must rank known answers right: the true rendering, the true
+    # rendering with a decoder's sampling noise (+-4 mu-law classes, about 3.2 bits per sample), the
+    # untranslated input and silence.
+    import random
+    import numpy as np
+    um = import_script("umtn/train.py")
+    rate, rng = 4000, random.Random(7)
+    tunes = [um.melody(rng, 2.0, rate) for _ in range(6)]
+    audio = {d: [um.render(m, d, 2.0, rate) for m in tunes] for d in um.DOMAINS}
+    timbre = um.TimbreClassifier.fit(audio, tunes, rate)
+    held_out = [um.melody(rng, 2.0, rate) for _ in range(4)]
+    rows = {k: {"pitch": [], "target": [], "mel": []} for k in ("perfect", "noisy", "input", "silence")}
+    for s in um.DOMAINS:
+        for t in um.DOMAINS:
+            if s == t:
+                continue
+            for i, notes in enumerate(held_out):
+                target, source = um.render(notes, t, 2.0, rate), um.render(notes, s, 2.0, rate)
+                silence = um.mu_law_noise(np.zeros_like(target), 4, i)
+                for kind, x in (("perfect", target), ("noisy", um.mu_law_noise(target, 4, i)), ("input", source), ("silence", silence)):
+                    rows[kind]["pitch"].append(um.raw_pitch_accuracy(x, notes, rate))
+                    rows[kind]["target"].append(timbre(x, um.written_pitch(notes, len(x), rate)) == t)
+                    rows[kind]["mel"].append(um.log_mel_distance(x, target, rate))
+    mean = {k: {m: float(np.mean(v)) for m, v in r.items()} for k, r in rows.items()}
+    assert mean["perfect"]["mel"] == 0 and mean["perfect"]["pitch"] > 0.95 and mean["perfect"]["target"] == 1, mean
+    assert mean["noisy"]["pitch"] >= 0.95 and mean["noisy"]["target"] >= 0.95, mean  # noise costs neither pitch nor timbre
+    assert mean["noisy"]["mel"] < mean["input"]["mel"] < mean["silence"]["mel"], mean  # and the noisy answer beats the input
+    assert mean["input"]["pitch"] > 0.95 and mean["input"]["target"] == 0, mean  # the input: right notes, wrong instrument
+    assert mean["silence"]["pitch"] < 0.05, mean
+    lo, mid, hi = um.bootstrap([0, 1] * 6, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    assert mid == 0.5 and 0 < lo <= 0.5 <= hi < 1
+
+
 def test_umtn_decoder_is_causal_and_fast_generation_equals_naive():
     import torch
     um = import_script("umtn/train.py")
@@ -780,8 +814,9 @@ def test_umtn_decoder_is_causal_and_fast_generation_equals_naive():
     assert not torch.equal(a[:, 30:], b[:, 30:])
     z = torch.randn(3, 2, 4, 10, dtype=torch.float64)  # three decoders, two clips each
     fast = um.generate(list(model.decoders), z, 80, 0.8, seed=5)
-    naive = um.generate(list(model.decoders), z, 80, 0.8, seed=5, naive=True)
-    assert torch.equal(fast, naive) and len(set(fast.flatten().tolist())) > 20
+    plain = um.generate(list(model.decoders), z, 80, 0.8, seed=5, method="plain")  # the paper's queues
+    naive = um.generate(list(model.decoders), z, 80, 0.8, seed=5, method="naive")  # the whole receptive field each time
+    assert torch.equal(fast, plain) and torch.equal(fast, naive) and len(set(fast.flatten().tolist())) > 20
 
 
 def umtn_checkpoint():
@@ -794,7 +829,8 @@ def test_umtn_training_learns():
     assert r["first_bits"] > 7.5 and r["bits_per_sample"] < 6.3, r  # 8 bits per sample is a uniform guess
     losses = [float(x) for x in re.findall(r"^step .*?\| loss ([\d.]+) bits", out, re.M)]
     assert len(losses) == 10 and losses[-1] < losses[0] - 1.5, losses
-    assert "log-spectral dist" in out and "baseline: latent of silence" in out
+    assert "log-mel dist" in out and "baseline: code of silence" in out and "topline" in out
+    assert r["input_pitch_acc"] > 95 and r["classifier_clean"] > 95 and r["silence_pitch_acc"] < 10, r
 
 
 def test_umtn_domain_confusion_hides_the_domain():
@@ -816,8 +852,9 @@ def test_umtn_sample_writes_one_wav_per_domain():
     before = source.read_bytes()
     out, _ = run("umtn/sample.py", source, "--to", "all", "--out", TMP / "translated.wav", "--checkpoint", ckpt, "--chunk", 0.2)
     assert source.read_bytes() == before and "real-time factor" in out
+    assert "listen in this order" in out and out.count("plays the input's note in") == 3 and out.count("sounds like") == 3
     for domain in ("pluck", "organ", "reed"):
-        rate, x = wavfile.read(TMP / f"translated_{domain}.wav")
+        rate, x = wavfile.read(TMP / f"translated_to_{domain}.wav")
         assert rate == 4000 and x.dtype == np.int16 and abs(len(x) - 2000) <= 1 and np.abs(x).max() > 0  # 0.5 s at the model's rate
     out, _ = run("umtn/sample.py", "--to", "organ", "--out", TMP / "example_organ.wav", "--checkpoint", ckpt, "--seconds", 0.5)
     assert (TMP / "example_organ.wav").is_file()

@@ -2,8 +2,8 @@
 
     python umtn/sample.py                                  # a built-in pluck melody, into every domain
     python umtn/sample.py input.wav --to organ --out out.wav
-    python umtn/sample.py input.wav --to all               # umtn/out/input_<domain>.wav for every domain
-    python umtn/sample.py input.wav --naive                # recompute the receptive field per sample (slow, same result)
+    python umtn/sample.py input.wav --to all               # umtn/out/input_to_<domain>.wav for every domain
+    python umtn/sample.py input.wav --method plain         # the paper's queues, unfused (slower, same samples)
 
 The input is encoded once; each target's decoder then samples the output autoregressively
 (--temperature). Long inputs are cut into chunks of --chunk seconds that are generated side by
@@ -24,13 +24,46 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train import fail, generate, load_checkpoint, melody, mu_law_decode, read_wav, render, write_wav  # the sibling train.py
+from train import (TimbreClassifier, fail, frame_size, generate, load_checkpoint, melody, mu_law_decode, pitch_track, read_wav,
+                   render, write_wav)  # the sibling train.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
-from common import get_device, seed_everything
+from common import get_device, seed_everything, synchronize
+
+NAMES = ["C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B"]
 
 
-def translate(model, audio, targets, rate, chunk_seconds, overlap_seconds, temperature, naive, device, seed):
+def notes_over_time(x, rate, seconds, cell=0.125):
+    """The pitch track as note names, one per `cell` seconds (the commonest note of its frames; '.'
+    where nothing is voiced), and the MIDI note of every pitch-track frame (0 where unvoiced)."""
+    f0 = pitch_track(x, rate)
+    midi = np.where(f0 > 0, np.rint(69 + 12 * np.log2(np.maximum(f0, 1e-9) / 440)), 0).astype(int)
+    per_cell = max(1, round(cell * rate / (frame_size(rate) // 4)))
+    cells = []
+    for i in range(0, min(len(midi), round(seconds / cell) * per_cell), per_cell):
+        voiced = midi[i:i + per_cell][midi[i:i + per_cell] > 0]
+        note = np.bincount(voiced).argmax() if len(voiced) else 0
+        cells.append(f"{NAMES[note % 12]}{note // 12 - 1}" if note else ".")
+    return " ".join(f"{c:<3}" for c in cells), midi
+
+
+def show(audio, outputs, domains, rate, timbre, seconds):
+    """What happened to the music: the input's notes and each output's, side by side, how many of
+    the input's voiced frames each output plays at the same note, and which instrument it sounds like."""
+    line, midi_in = notes_over_time(audio, rate, seconds)
+    print(f"notes over the first {min(seconds, len(audio) / rate):.1f} s (one per 1/8 s; '.' is silence or noise):")
+    print(f"  {'input':<12}{line}")
+    for t, y in outputs.items():
+        line, midi = notes_over_time(y, rate, seconds)
+        n = min(len(midi), len(midi_in))
+        voiced = midi_in[:n] > 0
+        same = (midi[:n] == midi_in[:n]) & voiced
+        heard = f", sounds like {timbre(y, midi_in)}" if timbre else ""
+        print(f"  {'-> ' + domains[t]:<12}{line}")
+        print(f"  {'':<12}(plays the input's note in {100 * same.sum() / max(1, voiced.sum()):.0f}% of its voiced frames{heard})")
+
+
+def translate(model, audio, targets, rate, chunk_seconds, overlap_seconds, temperature, method, device, seed):
     """audio (T,) float -> {target index: (T,) float}, chunks and targets generated as one batch."""
     pool = model.encoder.pool
     T = len(audio)
@@ -49,7 +82,7 @@ def translate(model, audio, targets, rate, chunk_seconds, overlap_seconds, tempe
     zc = torch.stack([z_pad[:, k * f_chunk:(k + 1) * f_chunk + f_over] for k in range(n_chunks)])  # (N, L, F)
     zz = zc[None].expand(len(targets), -1, -1, -1).contiguous()  # (K, N, L, F)
     n = chunk + overlap
-    codes = generate([model.decoders[t] for t in targets], zz, n, temperature, seed, naive=naive)  # (K, N, n)
+    codes = generate([model.decoders[t] for t in targets], zz, n, temperature, seed, method)  # (K, N, n)
     pieces = mu_law_decode(codes).cpu().numpy()
     out = {}
     fade = np.linspace(0, 1, overlap, dtype=np.float32)
@@ -74,7 +107,8 @@ def main():
     parser.add_argument("--chunk", type=float, default=1.0, help="seconds per chunk generated in parallel (default: %(default)s)")
     parser.add_argument("--overlap", type=float, default=0.05, help="seconds of lead-in cross-faded at each chunk boundary (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of sampling (default: %(default)s)")
-    parser.add_argument("--naive", action="store_true", help="recompute the receptive field for every sample (the slow reference path)")
+    parser.add_argument("--method", default="fast", choices=["fast", "plain", "naive"], help="generation: fused queues, the paper's plain queues, or the whole receptive field per sample; all draw the same samples (default: %(default)s)")
+    parser.add_argument("--show", type=float, default=4.0, help="seconds of notes shown for the input and each output (default: %(default)s)")
     parser.add_argument("--checkpoint", default=str(Path(__file__).parent / "out" / "umtn.pt"), help="from umtn/train.py (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
@@ -106,28 +140,31 @@ def main():
     outputs = {}
     for t in targets:
         if args.out is None:
-            path = Path(__file__).parent / "out" / f"{source.stem}_{domains[t]}.wav"
+            path = Path(__file__).parent / "out" / f"{source.stem}_to_{domains[t]}.wav"
         elif len(targets) == 1:
             path = Path(args.out)
         else:
-            path = Path(args.out).with_name(f"{Path(args.out).stem}_{domains[t]}{Path(args.out).suffix or '.wav'}")
+            path = Path(args.out).with_name(f"{Path(args.out).stem}_to_{domains[t]}{Path(args.out).suffix or '.wav'}")
         if path.resolve() == source.resolve():
             fail(f"--out {path} is the input file: choose another name, the input is never overwritten")
         outputs[t] = path
-    print(f"{source}: {len(audio) / rate:.2f} s at {rate} Hz -> {', '.join(domains[t] for t in targets)}"
-          f"{' (naive generation)' if args.naive else ''}")
+    print(f"{source}: {len(audio) / rate:.2f} s at {rate} Hz -> {', '.join(domains[t] for t in targets)} ({args.method} generation)")
 
     t0 = time.time()
-    result = translate(model, audio, targets, rate, args.chunk, args.overlap, args.temperature, args.naive, device, args.seed)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    result = translate(model, audio, targets, rate, args.chunk, args.overlap, args.temperature, args.method, device, args.seed)
+    synchronize(device)
     seconds = time.time() - t0
     total = len(audio) * len(targets)
-    for t, path in outputs.items():
-        write_wav(path, result[t], rate)
-        print(f"  wrote {path}")
     print(f"generated {total:,} samples in {seconds:.2f} s: {total / seconds:,.0f} samples/s, "
           f"real-time factor {total / rate / seconds:.2f} (above 1 is faster than real time)")
+    centres = ckpt.get("timbre_centres")  # the timbre judge of the built-in instruments, if training had one
+    timbre = TimbreClassifier(domains, centres.cpu().numpy(), rate) if centres is not None else None
+    show(audio, result, domains, rate, timbre, args.show)
+    print("listen in this order:")
+    print(f"  {source}  (the input)")
+    for t, path in outputs.items():
+        write_wav(path, result[t], rate)
+        print(f"  {path}  (the input played by the {domains[t]} decoder)")
 
 
 if __name__ == "__main__":

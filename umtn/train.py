@@ -15,13 +15,15 @@ Translation: encode any input, decode with the target instrument's decoder.
 Audio is 8-bit mu-law (256 classes); the decoders are trained by teacher forcing with a
 softmax over the next sample's class, reported in bits per sample (8 is a uniform guess).
 On the built-in data every melody is rendered by every instrument, so the true translation
-of a held-out input is known and the end of training measures it: log-spectral distance and
-pitch accuracy against the true rendering, and which instrument the output sounds like.
-At this CPU budget translations keep the melody in 42-67% of frames (by seed) and sound like
-the target instrument about half the time; see the README for the numbers and the baselines.
+of a held-out melody is known, and the end of training scores every translation against the
+written notes (raw pitch accuracy), a timbre classifier (does it sound like the target?) and
+the true rendering (log-mel distance), beside a topline (the target's decoder on the code of
+the true target rendering) and two baselines (the untranslated input; the code of silence).
+See the README for what a working run prints.
 """
 import argparse
 import math
+from collections import deque
 import os
 import random
 import sys
@@ -154,10 +156,11 @@ def render(notes, domain, seconds, rate):
 
 
 def builtin_audio(n_melodies, seconds, rate, seed):
-    """{domain: [clip, ...]}: clip i of every domain plays melody i."""
+    """({domain: [clip, ...]}, [notes, ...]): clip i of every domain plays melody i, whose notes
+    (the score) are returned too."""
     rng = random.Random(seed)
     tunes = [melody(rng, seconds, rate) for _ in range(n_melodies)]
-    return {d: [render(m, d, seconds, rate) for m in tunes] for d in DOMAINS}
+    return {d: [render(m, d, seconds, rate) for m in tunes] for d in DOMAINS}, tunes
 
 
 def folder_audio(data, rate):
@@ -206,13 +209,16 @@ class Encoder(nn.Module):
 
 
 class DomainClassifier(nn.Module):
-    """Names the domain from the latent: three 1x1 convolutions with ELU, a 1x1 to the domains,
-    logits averaged over time (the reference's domain confusion network)."""
+    """Names the domain from the latent: dropout on the latent (the reference's
+    --p-dropout-discriminator), three convolutions with ELU, a 1x1 to the domains, logits averaged
+    over time (the reference's domain confusion network). kernel=1 sees one frame at a time, as the
+    reference does; a wider kernel sees how the code evolves over neighbouring frames."""
 
-    def __init__(self, latent, channels, domains):
+    def __init__(self, latent, channels, domains, kernel=1, dropout=0.0):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv1d(latent, channels, 1), nn.ELU(), nn.Conv1d(channels, channels, 1), nn.ELU(),
-                                 nn.Conv1d(channels, channels, 1), nn.ELU(), nn.Conv1d(channels, domains, 1))
+        conv = lambda c_in: nn.Conv1d(c_in, channels, kernel, padding=kernel // 2)
+        self.net = nn.Sequential(nn.Dropout(dropout), conv(latent), nn.ELU(), conv(channels), nn.ELU(),
+                                 conv(channels), nn.ELU(), nn.Conv1d(channels, domains, 1))
 
     def forward(self, z):  # (B, L, F)
         return self.net(z).mean(2)  # (B, domains)
@@ -364,65 +370,107 @@ def gumbel_noise(shape, n, seed, dtype, device, block=512):
         yield -torch.log(-torch.log(u.clamp_(tiny, 1 - eps)))
 
 
-@torch.inference_mode()
-def generate(decoders, z, n, temperature=1.0, seed=0, naive=False):
+def generate(decoders, z, n, temperature=1.0, seed=0, method="fast"):
     """Sample n samples autoregressively: decoders[k] continues the latents z[k], for z of shape
-    (K, B, L, F >= n / pool). Returns classes (K, B, n).
+    (K, B, L, F >= n / pool). Returns classes (K, B, n). Three ways that draw the same samples:
+    "plain", the Fast WaveNet algorithm as the paper writes it (read it first); "fast", the same
+    algorithm fused for speed (the default); "naive", the whole receptive field recomputed for
+    every sample. Sampling is Gumbel-max: the argmax of logits / temperature plus Gumbel noise is
+    an exact draw from the softmax, and every method uses the same noise."""
+    return {"plain": generate_plain, "fast": generate_fast, "naive": generate_naive}[method](decoders, z, n, temperature, seed)
 
-    Fast (Paine et al. 2016, "Fast Wavenet Generation Algorithm"): each layer keeps a queue of
-    its last `dilation` inputs, so a step costs one kernel-2 product per layer instead of the
-    whole receptive field; the conditioning is projected once per latent frame, not per sample;
-    the K decoders' weights are stacked so that one batched product serves every decoder, clip
-    and chunk. Naive: run the full decoder on the last receptive-field samples for each sample.
-    Sampling is Gumbel-max (argmax of logits / temperature plus Gumbel noise, an exact draw from
-    the softmax); both paths use the same noise, so they draw the same samples."""
+
+@torch.inference_mode()
+def generate_plain(decoders, z, n, temperature=1.0, seed=0, block=512):
+    """Fast WaveNet generation (Paine et al. 2016, "Fast Wavenet Generation Algorithm"). A dilated
+    kernel-2 layer needs its input of d steps ago, so each layer keeps a queue of its last d inputs:
+    at every step it pops the oldest (x_{t-d}), pushes the new one (x_t), and computes only this
+    step's output. A step then costs one small product per layer, not the whole receptive field."""
+    K, B = z.shape[:2]
+    noise = gumbel_noise((K, B), n, seed, z.dtype, z.device, block)
+    out = torch.empty(K, B, n, dtype=torch.long, device=z.device)
+    prev = torch.full((K, B), MU // 2 + 1, dtype=torch.long, device=z.device)  # the class of silence
+    conds = [dec.conditioning(z[k]) for k, dec in enumerate(decoders)]  # per latent frame: [(B, F, 2C)], (B, F, S)
+    # before the start every layer's input is zero, as the convolution's left padding is in training
+    queues = [[deque(z.new_zeros(B, dec.channels) for _ in range(d)) for d in dec.dilations] for dec in decoders]
+    for t in range(n):
+        if t % block == 0:
+            gumbel = next(noise)  # (block, K, B, 256)
+        logits = []
+        for dec, (layer_cond, head_cond), queue in zip(decoders, conds, queues):
+            f, C = t // dec.pool, dec.channels
+            x = dec.embed(prev[len(logits)])  # (B, C): the previous sample
+            skip = 0
+            for dilated, res_skip, q, c in zip(dec.dilated, dec.res_skip, queue, layer_cond):
+                past = q.popleft()  # this layer's input d steps ago ...
+                q.append(x)  # ... and now's, popped again d steps later
+                w0, w1 = dilated.weight.chunk(2)  # the two taps of the kernel-2 convolution
+                b0, b1 = dilated.bias.chunk(2)
+                h = F.linear(past, w0, b0) + F.linear(x, w1, b1) + c[:, f]  # (B, 2C), with the frame's conditioning
+                a, g = h.chunk(2, -1)
+                o = res_skip(torch.tanh(a) * torch.sigmoid(g))  # gated unit, then the residual and skip 1x1s
+                x, skip = x + o[:, :C], skip + o[:, C:]
+            logits.append(dec.head2(F.relu(dec.head1(F.relu(skip)) + head_cond[:, f])))  # (B, 256)
+        prev = out[:, :, t] = (torch.stack(logits) / temperature + gumbel[t % block]).argmax(-1)  # Gumbel-max
+    return out
+
+
+@torch.inference_mode()
+def generate_naive(decoders, z, n, temperature=1.0, seed=0, block=512):
+    """The reference for both: for every sample, the decoder's plain forward over the last
+    receptive-field samples; only its last output is used."""
     K, B, device = z.shape[0], z.shape[1], z.device
-    block = 512
     noise = gumbel_noise((K, B), n, seed, z.dtype, device, block)
     out = torch.empty(K, B, n, dtype=torch.long, device=device)
-    prev = torch.full((K, B), MU // 2 + 1, dtype=torch.long, device=device)  # the class of silence
-
-    def draw(logits, t):  # logits (K, B, 256) -> classes (K, B)
-        nonlocal gumbel
+    R, pool = decoders[0].receptive_field(), decoders[0].pool
+    history = torch.full((K, B, 1), MU // 2 + 1, dtype=torch.long, device=device)  # silence, then everything drawn
+    for t in range(n):
         if t % block == 0:
             gumbel = next(noise)
-        return (logits / temperature + gumbel[t % block]).argmax(-1)
+        window = history[:, :, -R:]  # the last output depends on these alone; before sample 0, zeros as in training
+        frames = torch.arange(t + 1 - window.shape[2], t + 1, device=device) // pool
+        logits = []
+        for k, decoder in enumerate(decoders):
+            decoder.pool = 1  # the latent frame of each position, given per sample
+            try:
+                logits.append(decoder(window[k], z[k][:, :, frames])[:, -1])
+            finally:
+                decoder.pool = pool
+        out[:, :, t] = (torch.stack(logits) / temperature + gumbel[t % block]).argmax(-1)
+        history = torch.cat([history, out[:, :, t:t + 1]], 2)
+    return out
 
-    gumbel = None
-    if naive:
-        R, pool = decoders[0].receptive_field(), decoders[0].pool
-        history = prev[:, :, None]  # (K, B, t + 1): silence, then everything drawn so far
-        for t in range(n):
-            window = history[:, :, -R:]  # the last output depends on these alone; before sample 0, zeros as in training
-            frames = torch.arange(t + 1 - window.shape[2], t + 1, device=device) // pool
-            logits = []
-            for k, decoder in enumerate(decoders):
-                decoder.pool = 1  # the latent frame of each position, given per sample
-                try:
-                    logits.append(decoder(window[k], z[k][:, :, frames])[:, -1])
-                finally:
-                    decoder.pool = pool
-            out[:, :, t] = draw(torch.stack(logits), t)
-            history = torch.cat([history, out[:, :, t:t + 1]], 2)
-        return out
 
+# ----------------------------------------------------------------------------- fast generation, fused
+# generate_plain's algorithm with the operations fused: the same samples (the tests check), faster.
+
+
+@torch.inference_mode()
+def generate_fast(decoders, z, n, temperature=1.0, seed=0, block=512):
+    """generate_plain's algorithm for speed: the conditioning and the biases folded in once per
+    latent frame, the K decoders' weights stacked so that one batched product serves every
+    decoder, clip and chunk, every layer's queue kept in one ring buffer read and written at once,
+    and every buffer allocated once and written in place."""
+    K, B, device = z.shape[0], z.shape[1], z.device
+    noise = gumbel_noise((K, B), n, seed, z.dtype, device, block)
+    prev = torch.full((K, B), MU // 2 + 1, dtype=torch.long, device=device)  # the class of silence
     if device.type == "cpu" and decoders[0].channels <= 64 and torch.get_num_threads() > 1:
-        # Products this small finish before a second thread has started: one thread ran about 1.5x
-        # faster here (64 or fewer channels; at 128 two threads win, the weights no longer fit in cache).
+        # Products this small finish before a second thread has started, so one thread is faster
+        # (at 128 channels two threads win: the weights no longer fit in one core's cache).
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return generate(decoders, z, n, temperature, seed, naive)
+            return generate_fast(decoders, z, n, temperature, seed, block)
         finally:
             torch.set_num_threads(threads)
 
-    # ---- fast path. At batch 1 a step is a few hundred tiny operations, so their count decides the
-    # speed (about 1.5 us each here): every buffer is allocated once and written with out=, no tensor
+    # At batch 1 a step is a few hundred tiny operations, so their count decides the speed, each
+    # costing about what its dispatch costs: every buffer is allocated once and written with out=, no tensor
     # is sliced inside the loop, and the work that does not depend on the previous layer is done for
     # all layers at once. Per layer there are four operations: the kernel-2 product, tanh, the
     # gate, and the residual.
     dec = decoders[0]
-    C, S, pool, L = dec.channels, dec.skip, dec.pool, len(dec.dilations)
+    C, pool, L = dec.channels, dec.pool, len(dec.dilations)
     dt = dict(device=device, dtype=z.dtype)
     half = torch.cat([torch.ones(C), torch.full((C,), 0.5)]).to(**dt)  # sigmoid(g) = (1 + tanh(g / 2)) / 2
     per = lambda get: torch.stack([torch.stack([get(d, l) for d in decoders]) for l in range(L)])  # (L, K, ...)
@@ -484,6 +532,10 @@ def generate(decoders, z, n, temperature=1.0, seed=0, naive=False):
 
 
 # ----------------------------------------------------------------------------- evaluation
+# On the built-in data the score of every held-out melody is known and every instrument plays
+# it, so a translation is judged against the written notes and the true rendering. Each metric is
+# checked on known cases by the tests: the true rendering, the true rendering with the decoders'
+# level of sampling noise, the untranslated input and silence must come out in that order.
 
 
 def frames(x, size=256, hop=128):
@@ -492,20 +544,15 @@ def frames(x, size=256, hop=128):
     return np.pad(x, (0, max(0, size - len(x))))[idx] * np.hanning(size)
 
 
-def log_spectral_distance(x, y):
-    """Mean over frames of the RMS difference of the log power spectra, in dB. Both spectra are
-    floored 60 dB below the reference y's peak, so near-silent frames do not dominate."""
-    X = np.abs(np.fft.rfft(frames(x), axis=1)) ** 2
-    Y = np.abs(np.fft.rfft(frames(y), axis=1)) ** 2
-    floor = Y.max() * 1e-6 + 1e-12
-    return float(np.sqrt(((10 * np.log10(np.maximum(X, floor)) - 10 * np.log10(np.maximum(Y, floor))) ** 2).mean(1)).mean())
+def frame_size(rate):
+    return 2 ** round(math.log2(0.064 * rate))  # about 64 ms: four periods of the lowest note (C2)
 
 
 def pitch_track(x, rate, fmin=60.0, fmax=1000.0):
     """Frame-wise dominant pitch (Hz) from the normalised autocorrelation; 0 where unvoiced or quiet.
     Frames of about 64 ms, every 16 ms. The shortest lag whose peak reaches 90% of the highest is
     taken (a period's multiples peak too), refined between samples by a parabola through the peak."""
-    size = 2 ** round(math.log2(0.064 * rate))
+    size = frame_size(rate)
     fr = frames(x, size, size // 4)
     r = np.fft.irfft(np.abs(np.fft.rfft(fr, 2 * size, axis=1)) ** 2, axis=1)[:, :size]
     r = r / np.maximum(r[:, :1], 1e-12)
@@ -521,75 +568,155 @@ def pitch_track(x, rate, fmin=60.0, fmax=1000.0):
     return np.where(voiced, rate / (lag + np.clip(shift, -0.5, 0.5)), 0.0)
 
 
-def pitch_accuracy(out, target, rate):
-    """Share of the target's voiced frames where the output's pitch is within half a semitone."""
-    p, q = pitch_track(out, rate), pitch_track(target, rate)
-    voiced = q > 0
-    ok = (p > 0) & (np.abs(12 * np.log2(np.maximum(p, 1e-9) / np.maximum(q, 1e-9))) < 0.5)
-    return float((ok & voiced).sum() / max(1, voiced.sum()))
+def written_pitch(notes, n, rate, skip=0.02):
+    """For each pitch-track frame of an n-sample clip, the written MIDI note when the whole frame lies
+    inside that note and starts `skip` seconds after its onset (the attack is not a pitch), else 0."""
+    size = frame_size(rate)
+    hop = size // 4
+    out = np.zeros(1 + max(0, (n - size) // hop))
+    for start, length, pitch in notes:
+        first, last = -(-(start + int(skip * rate)) // hop), (min(start + length, n) - size) // hop
+        out[first:last + 1] = pitch
+    return out
 
 
-def timbre_features(x, rate):
-    """A pitch-independent description of timbre: the level (dB) of partials 1-8 relative to the
-    strongest, averaged over voiced frames, and how fast the level changes within a note."""
-    size = 2 ** round(math.log2(0.064 * rate))
-    fr = frames(x, size, size // 4)
-    spec = np.abs(np.fft.rfft(fr, 4 * size, axis=1))
-    f0 = pitch_track(x, rate)[: len(spec)]
-    feats = []
-    for s, f in zip(spec, f0):
-        if f > 0:
-            bins = np.rint(np.arange(1, 9) * f * 4 * size / rate).astype(int)
-            a = np.array([s[max(0, b - 2):b + 3].max() if b < len(s) - 2 else 0 for b in bins]) + 1e-6
-            feats.append(20 * np.log10(a / a.max()))
-    level = 20 * np.log10(np.sqrt((fr ** 2).mean(1)) + 1e-6)
-    change = np.clip(np.diff(level), -20, 20)
-    profile = np.mean(feats, 0) if feats else np.full(8, -60.0)
-    return np.concatenate([np.maximum(profile, -60) / 10, [np.mean(change), np.std(change)]])
+def raw_pitch_accuracy(x, notes, rate):
+    """mir_eval's raw pitch accuracy against the score: the share of frames inside written notes
+    whose f0 lies within 50 cents of the written note (an unvoiced frame counts as wrong)."""
+    f0 = pitch_track(x, rate)
+    written = written_pitch(notes, len(x), rate)[:len(f0)]
+    inside = written > 0
+    cents = 1200 * np.log2(np.maximum(f0, 1e-9) / (440 * 2 ** ((written - 69) / 12)))
+    return float(((np.abs(cents) < 50) & inside).sum() / max(1, inside.sum()))
+
+
+def partial_levels(x, pitch, rate, floor=-30.0):
+    """Timbre without pitch: the levels (dB) of partials 1-8 relative to the strongest, read at the
+    f0 of every frame where `pitch` (per pitch-track frame, MIDI; 0 to skip) names a note, averaged.
+    Clamped at -30 dB, so sampling noise, which lies about 30 dB below the partials, does not count
+    as a partial."""
+    size = frame_size(rate)
+    spec = np.abs(np.fft.rfft(frames(x, size, size // 4), 4 * size, axis=1))  # zero-padded: 4 bins per Hz step
+    pitch = np.asarray(pitch)[:len(spec)]
+    levels = []
+    for s, note in zip(spec[:len(pitch)][pitch > 0], pitch[pitch > 0]):
+        bins = np.rint(np.arange(1, 9) * 440 * 2 ** ((note - 69) / 12) * 4 * size / rate).astype(int)
+        a = np.array([s[max(0, b - 2):b + 3].max() if b < len(s) - 2 else 0.0 for b in bins]) + 1e-9
+        levels.append(np.maximum(20 * np.log10(a / a.max()), floor))
+    return np.mean(levels, 0) if levels else np.full(8, floor)
+
+
+def mu_law_noise(x, width, seed):
+    """x with every sample moved by up to +-width mu-law classes at random: the sampling noise of a
+    decoder that is uncertain by about log2(2 width + 1) bits per sample (3.2 bits for width 4)."""
+    g = torch.Generator().manual_seed(seed)
+    q = mu_law_encode(torch.from_numpy(np.asarray(x, np.float32)))
+    return mu_law_decode((q + torch.randint(-width, width + 1, q.shape, generator=g)).clamp(0, MU)).numpy()
 
 
 class TimbreClassifier:
-    """Nearest class mean on standardised timbre features: which instrument does audio sound like?"""
+    """Which instrument does audio sound like? The nearest class mean of its partial levels. `fit`
+    learns the means from renderings of training melodies, clean and with a decoder's level of
+    sampling noise; they travel in the checkpoint, so sample.py can ask too."""
 
-    def __init__(self, clips_by_domain, rate):
-        feats = {d: np.stack([timbre_features(c, rate) for c in clips]) for d, clips in clips_by_domain.items()}
-        everything = np.concatenate(list(feats.values()))
-        self.mean, self.std = everything.mean(0), everything.std(0) + 1e-6
-        self.domains = list(feats)
-        self.centres = np.stack([((f - self.mean) / self.std).mean(0) for f in feats.values()])
-        self.rate = rate
+    def __init__(self, domains, centres, rate):
+        self.domains, self.centres, self.rate = list(domains), np.asarray(centres), rate
 
-    def __call__(self, x):
-        f = (timbre_features(x, self.rate) - self.mean) / self.std
-        return self.domains[int(((self.centres - f) ** 2).sum(1).argmin())]
+    @classmethod
+    def fit(cls, clips_by_domain, scores, rate):
+        levels = lambda c, notes: [partial_levels(x, written_pitch(notes, len(c), rate), rate) for x in (c, mu_law_noise(c, 4, len(notes)))]
+        centres = [np.mean([v for c, notes in zip(clips, scores) for v in levels(c, notes)], 0) for clips in clips_by_domain.values()]
+        return cls(clips_by_domain, centres, rate)
+
+    def __call__(self, x, pitch):
+        """x (T,) audio, pitch: MIDI per pitch-track frame (from the score, or tracked) -> a domain."""
+        return self.domains[int(((self.centres - partial_levels(x, pitch, self.rate)) ** 2).sum(1).argmin())]
 
 
-def translation_report(model, test, rate, device, seconds, timbre, temperature=1.0, seed=0):
-    """Translate every held-out clip of every domain into every other domain and score it
-    against the true rendering, beside two baselines: the untranslated input, and the target
-    decoder driven by the latent of silence."""
+def log_mel_distance(x, y, rate, floor_db=40.0, n_mels=40):
+    """Mean over frames of the RMS difference (dB) of the log mel spectra of output x and target y,
+    both floored 40 dB below the target's peak. Mel bands (40, from 50 Hz to half the rate) pool the
+    bins between partials, where a clean rendering is silent and any sampled output is not."""
+    size = frame_size(rate)
+    mel = lambda f: 2595 * np.log10(1 + f / 700)
+    edges = 700 * (10 ** (np.linspace(mel(50.0), mel(rate / 2), n_mels + 2) / 2595) - 1)
+    f = np.fft.rfftfreq(size, 1 / rate)
+    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    bank = np.clip(np.minimum((f - lo) / (mid - lo), (hi - f) / (hi - mid)), 0, None)  # (n_mels, bins) triangles
+    X, Y = ((np.abs(np.fft.rfft(frames(v, size, size // 4), axis=1)) ** 2) @ bank.T for v in (x, y))
+    floor = Y.max() * 10 ** (-floor_db / 10) + 1e-12
+    return float(np.sqrt(((10 * np.log10(np.maximum(X, floor) / np.maximum(Y, floor))) ** 2).mean(1)).mean())
+
+
+def bootstrap(values, melody, n=1000, seed=0):
+    """Mean of `values` and its 95% interval, resampling the melodies (a melody's clips together)."""
+    values, melody = np.asarray(values, float), np.asarray(melody)
+    ids = np.unique(melody)
+    sums, counts = np.array([values[melody == m].sum() for m in ids]), np.array([(melody == m).sum() for m in ids])
+    pick = np.random.default_rng(seed).integers(0, len(ids), (n, len(ids)))
+    means = sums[pick].sum(1) / counts[pick].sum(1)
+    return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def translation_report(model, test, scores, rate, device, seconds, timbre, temperature=1.0, seed=0):
+    """Translate every held-out melody from every domain into every other and score each output
+    against the score and the true rendering, beside three references decoded by the same sampler:
+    the topline (the target's decoder fed the code of the true target rendering: the best a
+    translation can be at this training), the untranslated input, and the target's decoder fed the
+    code of silence. Returns {kind: {metric: [value per clip]}}, the clips' (source, target,
+    melody), and {clip: audio} of the translations."""
     domains = list(test)
     n = int(seconds * rate) // model.encoder.pool * model.encoder.pool  # whole latent frames
+    m = len(scores)
+    clip = lambda d, i: test[domains[d]][i][:n]
+    pairs = [(s, t) for s in range(len(domains)) for t in range(len(domains)) if s != t]
+    jobs = {"translation": [(s, t, i) for s, t in pairs for i in range(m)],
+            "topline": [(t, t, i) for t in range(len(domains)) for i in range(m)],
+            "silence": [(None, t, i) for t in range(len(domains)) for i in range(m)]}
     model.eval()
-    jobs = [(s, t, i) for s in range(len(domains)) for t in range(len(domains)) if s != t for i in range(len(test[domains[s]]))]
     with torch.inference_mode():
-        inputs = torch.stack([torch.from_numpy(test[domains[s]][i][:n]) for s, _, i in jobs]).to(device)
-        z = model.encoder(inputs)
-        z_silence = model.encoder(torch.zeros_like(inputs[:1])).expand_as(z)
-        per_target = [[k for k, job in enumerate(jobs) if job[1] == t] for t in range(len(domains))]  # equal counts
-        zz = torch.stack([torch.cat([z[idx], z_silence[idx]]) for idx in per_target])  # (D, 2 * jobs per target, L, F)
-        audio = mu_law_decode(generate(list(model.decoders), zz, n, temperature, seed)).cpu().numpy()
-        outputs, silent = {}, {}
-        for t, idx in enumerate(per_target):
-            for j, k in enumerate(idx):
-                outputs[k], silent[k] = audio[t, j], audio[t, len(idx) + j]
-    rows = {"translation": [], "input": [], "silence": []}
-    for k, (s, t, i) in enumerate(jobs):
-        target = test[domains[t]][i][:n]
-        for name, audio in (("translation", outputs[k]), ("input", test[domains[s]][i][:n]), ("silence", silent[k])):
-            rows[name].append((log_spectral_distance(audio, target), pitch_accuracy(audio, target, rate), timbre(audio) == domains[t]))
+        per_target = [[(kind, k) for kind in jobs for k, job in enumerate(jobs[kind]) if job[1] == t] for t in range(len(domains))]
+        inputs = [torch.stack([torch.from_numpy(clip(jobs[kind][k][0], jobs[kind][k][2]) if kind != "silence" else np.zeros(n, np.float32))
+                               for kind, k in rows]) for rows in per_target]  # equal counts per target
+        z = torch.stack([model.encoder(x.to(device)) for x in inputs])  # (D, clips per target, L, F)
+        audio = mu_law_decode(generate(list(model.decoders), z, n, temperature, seed)).cpu().numpy()
     model.train()
-    return {name: tuple(float(np.mean(col)) for col in zip(*r)) for name, r in rows.items()}, outputs, jobs
+    outputs = {key: audio[t, j] for t, rows in enumerate(per_target) for j, key in enumerate(rows)}
+    rows = {kind: {"pitch": [], "target": [], "mel": []} for kind in ("translation", "topline", "input", "silence")}
+    for kind, todo in (*jobs.items(), ("input", jobs["translation"])):
+        for k, (s, t, i) in enumerate(todo):
+            out = clip(s, i) if kind == "input" else outputs[(kind, k)]
+            rows[kind]["pitch"].append(raw_pitch_accuracy(out, scores[i], rate))
+            rows[kind]["target"].append(timbre(out, written_pitch(scores[i], n, rate)) == domains[t])
+            rows[kind]["mel"].append(log_mel_distance(out, clip(t, i), rate))
+    for r in rows.values():  # the joint score: the melody kept (80% of its frames) and the target's timbre heard
+        r["joint"] = [p >= 0.8 and h for p, h in zip(r["pitch"], r["target"])]
+    who = {kind: [(s, t, i) for s, t, i in (jobs["translation"] if kind == "input" else jobs[kind])] for kind in rows}
+    return rows, who, {k: outputs[("translation", k)] for k in range(len(jobs["translation"]))}
+
+
+def print_report(rows, who, domains, say):
+    """The scoreboard: each kind of output with 95% intervals, then translation per ordered pair."""
+    fmt = lambda v, pct: (f"{100 * v[0]:5.1f}% [{100 * v[1]:.0f}-{100 * v[2]:.0f}]" if pct else f"{v[0]:5.2f} [{v[1]:.1f}-{v[2]:.1f}]")
+    cols = (("pitch", "pitch accuracy", True), ("target", "hears the target", True), ("mel", "log-mel dist (dB)", False),
+            ("joint", "pitch >= 80% and target", True))
+    say(f"  {'':<30}" + "".join(f"{title:>25}" for _, title, _ in cols))
+    for kind, label in (("translation", "translation"), ("topline", "topline: target's own code"),
+                        ("input", "baseline: untranslated input"), ("silence", "baseline: code of silence")):
+        melody = [i for _, _, i in who[kind]]
+        say(f"  {label:<30}" + "".join(f"{fmt(bootstrap(rows[kind][key], melody), pct):>25}" for key, _, pct in cols))
+    say("  translation by ordered pair (the topline of its target in brackets):")
+    for s, source in enumerate(domains):
+        for t, target in enumerate(domains):
+            if s == t:
+                continue
+            pick = [k for k, (a, b, _) in enumerate(who["translation"]) if (a, b) == (s, t)]
+            top = [k for k, (_, b, _) in enumerate(who["topline"]) if b == t]
+            mean = lambda kind, key, ks: np.mean([rows[kind][key][k] for k in ks])
+            say(f"    {source + ' -> ' + target:<18} pitch {100 * mean('translation', 'pitch', pick):5.1f}% "
+                f"({100 * mean('topline', 'pitch', top):5.1f}%)  hears target {100 * mean('translation', 'target', pick):5.1f}% "
+                f"({100 * mean('topline', 'target', top):5.1f}%)  log-mel {mean('translation', 'mel', pick):5.2f} dB "
+                f"({mean('topline', 'mel', top):5.2f})")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -627,7 +754,8 @@ def main():
     parser.add_argument("--data", default="builtin", help="builtin, or a folder with one sub-folder of .wav files per domain (default: %(default)s)")
     parser.add_argument("--melodies", type=int, default=64, help="builtin: melodies, each rendered by every instrument (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=4.0, help="builtin: length of each melody (default: %(default)s)")
-    parser.add_argument("--test-frac", type=float, default=0.1, help="held-out melodies or files per domain (default: %(default)s)")
+    parser.add_argument("--eval-melodies", type=int, default=12, help="builtin: held-out melodies, rendered by every instrument, translated at the end (default: %(default)s)")
+    parser.add_argument("--test-frac", type=float, default=0.1, help="folder data: held-out files per domain (default: %(default)s)")
     parser.add_argument("--rate", type=int, default=4000, help="sample rate of the model; the reference used 16000 (default: %(default)s)")
     parser.add_argument("--segment", type=int, default=1024, help="samples per training segment; reference 12000 (default: %(default)s)")
     parser.add_argument("--enc-channels", type=int, default=32, help="reference 128 (default: %(default)s)")
@@ -640,6 +768,9 @@ def main():
     parser.add_argument("--dec-blocks", type=int, default=2, help="reference 4 (default: %(default)s)")
     parser.add_argument("--dec-layers", type=int, default=6, help="reference 14 (default: %(default)s)")
     parser.add_argument("--dc-channels", type=int, default=64, help="domain classifier width; reference 100 (default: %(default)s)")
+    parser.add_argument("--dc-kernel", type=int, default=1, help="domain classifier's kernel over latent frames; reference 1 (default: %(default)s)")
+    parser.add_argument("--dc-dropout", type=float, default=0.0, help="dropout on the classifier's input latent; reference 0 (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the final translations (default: %(default)s)")
     parser.add_argument("--dc-lambda", type=float, default=0.2, help="weight of domain confusion; reference 1e-2. Here 0.15-0.2 made translations keep the melody; "
                         "0.05 left the instrument in the latent and 0.5 erased the melody too (default: %(default)s)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True, help="pitch augmentation of the encoder's input (default: %(default)s)")
@@ -649,7 +780,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=12, help="segments per step, all domains in each (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate, both parts; reference 1e-3 (default: %(default)s)")
     parser.add_argument("--lr-decay", type=float, default=0.995, help="autoencoder rate times this every 1,000 steps, as the reference (default: %(default)s)")
-    parser.add_argument("--eval-seconds", type=float, default=1.0, help="builtin: seconds of each held-out clip translated at the end (default: %(default)s)")
+    parser.add_argument("--eval-seconds", type=float, default=2.0, help="builtin: seconds of each held-out clip translated at the end (default: %(default)s)")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision; auto: bf16 on GPUs from Ampere on, fp16 with a GradScaler on older GPUs (a T4), fp32 on CPUs (where bf16 made a step slower) and MPS (default: %(default)s)")
     parser.add_argument("--log-every", type=int, default=100, help="steps between progress lines (default: %(default)s)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "umtn.pt"), help="checkpoint path (default: %(default)s)")
@@ -673,20 +804,22 @@ def main():
         torch.backends.cudnn.benchmark = True  # fixed shapes: time cuDNN's convolution algorithms once, keep the fastest
 
     # ---- data
-    if args.data == "builtin":
-        audio = builtin_audio(args.melodies, args.seconds, args.rate, args.seed)
+    train, test = {}, {}
+    if args.data == "builtin":  # the last --eval-melodies melodies are held out, with their scores
+        audio, tunes = builtin_audio(args.melodies + args.eval_melodies, args.seconds, args.rate, args.seed)
+        train = {d: clips[:args.melodies] for d, clips in audio.items()}
+        test = {d: clips[args.melodies:] for d, clips in audio.items()}
+        train_scores, test_scores = tunes[:args.melodies], tunes[args.melodies:]
     else:
-        audio = folder_audio(args.data, args.rate)
-    domains = list(audio)
+        for d, clips in folder_audio(args.data, args.rate).items():
+            order = list(range(len(clips)))
+            random.Random(args.seed).shuffle(order)
+            n_test = max(1, round(args.test_frac * len(clips)))
+            test[d], train[d] = [clips[i] for i in order[:n_test]], [clips[i] for i in order[n_test:]]
+    domains = list(train)
     if args.batch_size < len(domains):
         fail(f"--batch-size {args.batch_size} is smaller than the {len(domains)} domains: every batch needs one segment of each")
-    train, test = {}, {}
-    for d, clips in audio.items():
-        order = list(range(len(clips)))
-        random.Random(args.seed).shuffle(order)  # the same order in every domain: builtin melody i stays together
-        n_test = max(1, round(args.test_frac * len(clips)))
-        test[d] = [clips[i] for i in order[:n_test]]
-        train[d] = [clips[i] for i in order[n_test:]]
+    for d in domains:
         if min(len(c) for c in train[d]) < args.segment + 1:
             train[d] = [c for c in train[d] if len(c) > args.segment]
             if not train[d]:
@@ -704,7 +837,7 @@ def main():
                       latent=args.latent, pool=args.pool, dec_channels=args.dec_channels, skip_channels=args.skip_channels,
                       dec_blocks=args.dec_blocks, dec_layers=args.dec_layers)
     model = UMTN(**model_args).to(device)
-    classifier = DomainClassifier(args.latent, args.dc_channels, len(domains)).to(device)
+    classifier = DomainClassifier(args.latent, args.dc_channels, len(domains), args.dc_kernel, args.dc_dropout).to(device)
     ae, dc = model, classifier
     if distributed:  # gradients are averaged across processes inside backward()
         ae, dc = DDP(model), DDP(classifier)
@@ -760,9 +893,13 @@ def main():
             break
     first_bits = first_rec.item() / math.log(2)
     train_time = time.time() - t_start
+    timbre = None
+    if rank == 0 and args.data == "builtin":  # a judge of timbre for the evaluation and for sample.py
+        timbre = TimbreClassifier.fit({d: clips[:24] for d, clips in train.items()}, train_scores[:24], args.rate)
     if rank == 0:
         save_checkpoint({"kind": "umtn", "model": model.state_dict(), "classifier": classifier.state_dict(),
                          "optimizer": opt.state_dict(), "model_args": model_args, "domains": domains, "rate": args.rate,
+                         "timbre_centres": torch.tensor(timbre.centres) if timbre else None,
                          "step": step, "config": vars(args)}, out)
         say(f"saved {out}")
 
@@ -771,19 +908,20 @@ def main():
              f"chance_domain_loss={math.log(len(domains)):.3f} samples_per_s={step * args.batch_size * segment * world / train_time:.0f} " \
              f"train_seconds={train_time:.1f} world={world}"
     if rank == 0 and args.data == "builtin" and args.eval_seconds > 0:
-        timbre = TimbreClassifier(train, args.rate)
         t0 = time.time()
-        report, _, jobs = translation_report(model, test, args.rate, device, args.eval_seconds, timbre)
-        secs = time.time() - t0
-        say(f"translation of {len(jobs)} held-out clips ({args.eval_seconds:.1f} s each, every domain into every other) in {secs:.1f}s:")
-        say(f"  {'':<28}{'log-spectral dist (dB)':>24}{'pitch accuracy':>16}{'sounds like target':>20}")
-        for name, label in (("translation", "translation"), ("input", "baseline: untranslated input"),
-                            ("silence", "baseline: latent of silence")):
-            lsd, pitch, like = report[name]
-            say(f"  {label:<28}{lsd:>24.2f}{100 * pitch:>15.1f}%{100 * like:>19.1f}%")
-        (lsd, pitch, like), (lsd_in, pitch_in, like_in), (lsd_sil, pitch_sil, _) = report["translation"], report["input"], report["silence"]
-        result += f" lsd={lsd:.2f} lsd_input={lsd_in:.2f} lsd_silence={lsd_sil:.2f} pitch_acc={100 * pitch:.1f} " \
-                  f"pitch_acc_input={100 * pitch_in:.1f} pitch_acc_silence={100 * pitch_sil:.1f} timbre_acc={100 * like:.1f} timbre_acc_input={100 * like_in:.1f}"
+        rows, who, _ = translation_report(model, test, test_scores, args.rate, device, args.eval_seconds, timbre, args.temperature)
+        n = int(args.eval_seconds * args.rate)
+        clean = np.mean([timbre(c[:n], written_pitch(notes, n, args.rate)) == d for d, clips in test.items() for c, notes in zip(clips, test_scores)])
+        say(f"translation of {len(test_scores)} held-out melodies, {args.eval_seconds:.1f} s each, from every domain into every "
+            f"other ({len(who['translation'])} clips), in {time.time() - t0:.1f}s; 95% intervals over melodies:")
+        say(f"  timbre classifier (partial levels at the written pitch): right on {100 * clean:.1f}% of the true renderings, "
+            f"{100 * np.mean(rows['topline']['target']):.1f}% of the decoders' reconstructions (topline)")
+        print_report(rows, who, domains, say)
+        for kind, prefix in (("translation", ""), ("topline", "topline_"), ("input", "input_"), ("silence", "silence_")):
+            r = rows[kind]
+            result += (f" {prefix}pitch_acc={100 * np.mean(r['pitch']):.1f} {prefix}timbre_acc={100 * np.mean(r['target']):.1f}"
+                       f" {prefix}mel_dist={np.mean(r['mel']):.2f} {prefix}joint={100 * np.mean(r['joint']):.1f}")
+        result += f" classifier_clean={100 * clean:.1f}"
     say(result)
     if distributed:
         dist.destroy_process_group()
