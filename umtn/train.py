@@ -691,7 +691,7 @@ def translation_report(model, test, scores, rate, device, seconds, timbre, tempe
             rows[kind]["mel"].append(log_mel_distance(out, clip(t, i), rate))
     for r in rows.values():  # the joint score: the melody kept (80% of its frames) and the target's timbre heard
         r["joint"] = [p >= 0.8 and h for p, h in zip(r["pitch"], r["target"])]
-    who = {kind: [(s, t, i) for s, t, i in (jobs["translation"] if kind == "input" else jobs[kind])] for kind in rows}
+    who = {**jobs, "input": jobs["translation"]}  # the (source, target, melody) of each row
     return rows, who, {k: outputs[("translation", k)] for k in range(len(jobs["translation"]))}
 
 
