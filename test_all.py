@@ -193,6 +193,40 @@ def test_classifier_whitening_needs_no_float64_on_the_device():
         pass
 
 
+def test_classifier_lookahead_keeps_the_fast_weights_between_epochs():
+    # Lookahead pulls the fast weights back to the slow copy every few steps; between two such pulls
+    # the fast weights are training's own. The end of an epoch must not pull them back an extra time:
+    # the next epoch starts from the weights the last step left (the slow copy is only evaluated).
+    import contextlib, io, torch
+    ct = import_script("classifier/train.py")
+    first_param = lambda model: next(p for p in model.parameters() if p.requires_grad).detach().clone()
+    log, step = [], ct.train_step
+
+    def recording_step(model, *args, **kwargs):
+        before = first_param(model)
+        loss = step(model, *args, **kwargs)
+        log.append((before, first_param(model)))
+        return loss
+
+    ct.train_step = recording_step
+    # 2,800 training images at batch 256: 10 steps an epoch, lookahead every 20 steps, so epoch 3
+    # ends 10 steps after a pull, with the slow copy behind the fast weights
+    argv = ["train.py", "--train-size", 3000, "--val-size", 200, "--test-size", 200, "--epochs", 4,
+            "--width", 8, "--early-crop", 32, "--tta", 0, "--out", TMP / "lookahead.pt", "--device", "cpu"]
+    old_argv, sys.argv = sys.argv, list(map(str, argv))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            ct.main()
+    finally:
+        sys.argv = old_argv
+    assert len(log) == 40, len(log)
+    for epoch in (1, 2, 3):
+        last_step_left, next_epoch_starts = log[10 * epoch - 1][1], log[10 * epoch][0]
+        if epoch == 2:  # step 20: a lookahead pull, as in airbench, moves them
+            continue
+        assert torch.equal(last_step_left, next_epoch_starts), f"epoch {epoch + 1} did not start where epoch {epoch} left off"
+
+
 def write_fake_cifar(folder, per_file=120):
     """A tiny CIFAR-10 in the binary layout: each image is a flat colour set by its label."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -232,7 +266,7 @@ def test_classifier_bad_inputs():
     tarball.write_bytes(b"not the real archive")
     fails_with("classifier/train.py", "--data", "cifar10", "--data-dir", tarball, message=r"wrong MD5")
     fails_with("classifier/train.py", "--data", "cifar10", "--data-dir", TMP / "nowhere", message=r"--data-dir .* does not exist")
-    fails_with("classifier/train.py", "--model", "vgg", message=r"unknown --model vgg")
+    fails_with("classifier/train.py", "--model", "vgg", message=r"--model: invalid choice: .vgg.")
     fails_with("classifier/train.py", "--time-limit", 60, "--resume", message=r"--time-limit needs .* a fresh run")
     blitz_ckpt, _ = blitz_checkpoint()
     fails_with("classifier/sample.py", "--checkpoint", blitz_ckpt, message=r"not a classifier checkpoint")

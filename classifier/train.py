@@ -27,7 +27,9 @@ cluttered background; `--data cifar10` reads the official *binary* release
 with NumPy; downloaded data is never unpickled.
 """
 import argparse
+import copy
 import hashlib
+import itertools
 import math
 import os
 import sys
@@ -273,7 +275,7 @@ class ConvGroup(nn.Module):
 
 class AirNet(nn.Module):
     """The network of Jordan's airbench (2024, "94% on CIFAR-10 in 3.29 seconds on a single GPU"),
-    with ReLU for GELU (at width 64 on 2 CPU cores: 533 against 401 img/s). A frozen 2x2 whitening conv,
+    with ReLU for GELU (faster on a CPU). A frozen 2x2 whitening conv,
     then three conv groups; `width` sets the first group's channels and the next two have 2x width
     (airbench93's 64/128/128 at width 64; airbench94 widens the last two to 4x)."""
 
@@ -283,7 +285,7 @@ class AirNet(nn.Module):
         # eigenvectors of the training images' 2x2-patch covariance scaled to unit variance, each
         # with its negative so the ReLU after it loses nothing. Set once by `init_whitening`.
         # Frozen for good (airbench trains its bias for 3 epochs): then no gradient has to flow into
-        # the first conv's input, which made a training step about 30% faster on this CPU.
+        # the first conv's input, which saves a backward pass over the largest activations.
         self.whiten = nn.Conv2d(3, 24, 2, bias=False).requires_grad_(False)  # (B, 24, 31, 31)
         self.group1 = ConvGroup(24, width)  # (B, w, 15, 15)
         self.group2 = ConvGroup(width, 2 * width)  # (B, 2w, 7, 7)
@@ -413,26 +415,44 @@ def load_checkpoint(path, device):
     return ckpt
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- settings
 
-# Each network is trained its own way. LeNet: the tutorial's recipe (plain SGD with momentum,
-# no augmentation, inputs scaled to [-1, 1]). ResNet and AirNet: the speedrun recipes below.
-# pad: random translation in pixels; flip: random, alternating (airbench) or none; bias_lr: the
-# factor on the learning rate of 1-d parameters (BN shifts); tta: test-time augmentation level.
+# One recipe per network; a flag given on the command line overrides its key. LeNet: the tutorial's
+# (plain SGD with momentum, no augmentation, inputs scaled to [-1, 1]); ResNet and AirNet: speedrun
+# recipes. airbench's own hyperparameters are stated per 1024 examples for a summed loss; here the
+# loss is a mean at batch 256, so its lr of 11.5 at momentum 0.85 becomes
+# 11.5 * 256 / (1024 * (1 + 1 / 0.15)) = 0.375, and its weight decay 0.0153 per unit of lr.
 RECIPES = {
-    "lenet": dict(epochs=2, batch_size=4, lr=0.001, momentum=0.9, weight_decay=0.0, bias_lr=1, label_smoothing=0.0,
-                  pad=0, flip="none", schedule="constant", lookahead=False, tta=0, early_crop=32),
-    "resnet": dict(epochs=5, batch_size=256, lr=0.2, momentum=0.9, weight_decay=5e-4, bias_lr=1, label_smoothing=0.2,
-                   pad=4, flip="random", schedule="one-cycle", lookahead=False, tta=0, early_crop=32),
-    # airbench's hyperparameters, restated for a mean (not summed) loss at batch 256 (on 2 CPU
-    # cores 560 img/s, against 533 at 512 and 367 at airbench's 1024, whose activations outgrow
-    # the caches): its lr of 11.5 per 1024 examples at momentum 0.85 is
-    # 11.5 * 256 / (1024 * (1 + 1 / 0.15)) = 0.375.
-    "airbench": dict(epochs=4, batch_size=256, lr=0.375, momentum=0.85, weight_decay=0.0153 / 11.5, bias_lr=64,
-                     label_smoothing=0.2, pad=2, flip="alternate", schedule="triangle", lookahead=True, tta=2, early_crop=24),
+    "airbench": dict(
+        width=64,  # channels of the first conv group; the next two have twice as many (airbench93: 64/128/128)
+        epochs=4,  # passes over the training images
+        batch_size=256,  # images per step (airbench: 1024; smaller batches fit a CPU's caches)
+        lr=0.375,  # peak learning rate of the triangle schedule
+        momentum=0.85,  # Nesterov momentum
+        weight_decay=0.0153 / 11.5,  # per step, decoupled from the lr as in airbench
+        bias_lr=64,  # BN shifts learn 64x faster; their weight decay is divided by as much
+        label_smoothing=0.2,  # aim for 0.8 on the true class (Szegedy et al. 2016)
+        pad=2,  # random translation by up to 2 pixels
+        flip="alternate",  # every other epoch flips all images (airbench), instead of coin flips
+        schedule="triangle",  # lr from 0.2x up to 1x at 23% of training, then down to 0.07x
+        lookahead=True,  # slow weights averaged every 5 x 1024 images (Zhang et al. 2019)
+        tta=2,  # test-time augmentation: mirror and one-pixel shifts
+        early_crop=24,  # 24x24 crops for the first 40% of training, whole 32x32 images after
+    ),
+    "resnet": dict(width=16, epochs=5, batch_size=256, lr=0.2, momentum=0.9, weight_decay=5e-4, bias_lr=1,
+                   label_smoothing=0.2, pad=4, flip="random", schedule="one-cycle", lookahead=False, tta=0,
+                   early_crop=32),
+    "lenet": dict(width=0, epochs=2, batch_size=4, lr=0.001, momentum=0.9, weight_decay=0.0, bias_lr=1,
+                  label_smoothing=0.0, pad=0, flip="none", schedule="constant", lookahead=False, tta=0,
+                  early_crop=32),
 }
-WIDTHS = {"lenet": 0, "resnet": 16, "airbench": 64}
+EARLY_UNTIL = 0.4  # the fraction of training that uses the early (smaller) crops
 CPU_BF16 = True  # --amp auto uses bf16 on CPUs with native bf16: convolutions gain from it (common.choose_precision)
+
+
+def recipe_defaults(key):
+    """"airbench 0.375, resnet 0.2, lenet 0.001": a flag's defaults for its help text, from RECIPES."""
+    return ", ".join(f"{name} {recipe[key]}" for name, recipe in RECIPES.items())
 
 
 def lr_factor(schedule, p):
@@ -445,6 +465,41 @@ def lr_factor(schedule, p):
     return 0.2 + 0.8 * p / 0.23 if p < 0.23 else 1 - 0.93 * (p - 0.23) / 0.77
 
 
+class Lookahead:
+    """Lookahead (Zhang et al. 2019) as airbench does it: every few steps the slow copy moves toward
+    the fast weights by 1 - rho, and the fast weights restart from it. rho grows with progress^3,
+    so the slow copy follows ever more slowly as training ends, averaging the noise out. Only the
+    slow copy is evaluated and saved; the fast weights are left to training."""
+
+    def __init__(self, net):
+        self.slow = {k: v.detach().clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, net, rho):
+        for k, v in net.state_dict().items():  # weights and BN statistics
+            if k in self.slow:
+                self.slow[k].lerp_(v, 1 - rho)
+                v.copy_(self.slow[k])
+
+    def averaged(self, net):
+        """A state dict of net with the slow copy's values: what is validated and saved."""
+        return {k: self.slow[k].clone() if k in self.slow else v.clone() for k, v in net.state_dict().items()}
+
+
+def plan_time_limit(budget, t_step, early_crop, steps_per_epoch, recipe):
+    """The plan of a --time-limit run, from the measured seconds per step of the first steps."""
+    # whole images cost about (31 / (crop - 1))^2 as much: the pixels after the 2x2 whitening
+    slower = (31 / (early_crop - 1)) ** 2
+    steps = budget * (EARLY_UNTIL / t_step + (1 - EARLY_UNTIL) / (t_step * slower))
+    return (f"plan: {budget:.0f} s at {t_step:.3f} s/step -> about {steps:.0f} steps ({steps / steps_per_epoch:.1f} epochs)"
+            + (f"; {early_crop}x{early_crop} crops until {EARLY_UNTIL * budget:.0f} s, then whole images at about "
+               f"{t_step * slower:.3f} s/step" if slower > 1 else "")
+            + f"; learning rate {recipe['schedule']}" + "; lookahead" * recipe["lookahead"])
+
+
+# ----------------------------------------------------------------------------- main
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="shapes", choices=["shapes", "cifar10"], help="data set (default: %(default)s)")
@@ -452,14 +507,14 @@ def main():
     parser.add_argument("--train-size", type=int, default=16000, help="shapes: generated training images (default: %(default)s)")
     parser.add_argument("--test-size", type=int, default=5000, help="shapes: generated test images (default: %(default)s)")
     parser.add_argument("--val-size", type=int, default=2000, help="training images held out to pick the best epoch (default: %(default)s)")
-    parser.add_argument("--model", default="airbench", help="airbench, resnet, or lenet (the tutorial's) (default: %(default)s)")
-    parser.add_argument("--width", type=int, default=None, help="channels of the first stage (default: airbench 64, resnet 16)")
-    parser.add_argument("--epochs", type=int, default=None, help="passes over the data (default: the model's recipe: airbench 4, resnet 5, lenet 2)")
+    parser.add_argument("--model", default="airbench", choices=list(RECIPES), help="the network and its recipe; lenet is the tutorial's (default: %(default)s)")
+    parser.add_argument("--width", type=int, default=None, help=f"channels of the first stage (default: {recipe_defaults('width')})")
+    parser.add_argument("--epochs", type=int, default=None, help=f"passes over the data (default: {recipe_defaults('epochs')})")
     parser.add_argument("--time-limit", type=float, default=None, help="train for this many seconds instead of --epochs: the schedule is planned from the measured speed")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per step, all processes together (default: lenet 4, others 256)")
-    parser.add_argument("--lr", type=float, default=None, help="(peak) learning rate (default: airbench 0.375, resnet 0.2, lenet 0.001)")
-    parser.add_argument("--early-crop", type=int, default=None, help="train on random crops of this size for the first 40%% of training, whole 32x32 images after (default: airbench 24, others 32: off)")
-    parser.add_argument("--tta", type=int, default=None, choices=[0, 1, 2], help="test-time augmentation: 0 none, 1 mirror, 2 mirror and shifts (default: airbench 2, others 0)")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"images per step, all processes together (default: {recipe_defaults('batch_size')})")
+    parser.add_argument("--lr", type=float, default=None, help=f"(peak) learning rate (default: {recipe_defaults('lr')})")
+    parser.add_argument("--early-crop", type=int, default=None, help=f"random crops of this size for the first {100 * EARLY_UNTIL:.0f}%% of training, whole 32x32 images after; 32 is off (default: {recipe_defaults('early_crop')})")
+    parser.add_argument("--tta", type=int, default=None, choices=[0, 1, 2], help=f"test-time augmentation: 0 none, 1 mirror, 2 mirror and shifts (default: {recipe_defaults('tta')})")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision; auto: bf16 on GPUs from Ampere on and CPUs with native bf16, fp16 with a GradScaler on older GPUs (a T4), fp32 elsewhere (default: %(default)s)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (slow to start, faster per step)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "classifier.pt"), help="checkpoint path (default: %(default)s)")
@@ -467,15 +522,13 @@ def main():
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
+    parser.error = lambda message: fail(f"{message} (see --help)")  # one line, not argparse's usage block
     args = parser.parse_args()
-    if args.model not in RECIPES:
-        fail(f"unknown --model {args.model}: choose airbench, resnet or lenet")
     recipe = dict(RECIPES[args.model])
-    for key in ("epochs", "batch_size", "lr", "tta", "early_crop"):
+    for key in ("width", "epochs", "batch_size", "lr", "tta", "early_crop"):  # a flag overrides the recipe
         if getattr(args, key) is not None:
             recipe[key] = getattr(args, key)
         setattr(args, key, recipe[key])
-    args.width = args.width or WIDTHS[args.model]
     if not 8 <= args.early_crop <= 32:
         fail(f"--early-crop {args.early_crop}: give a crop size from 8 to 32 (32: whole images all along)")
     if args.time_limit is not None and (args.time_limit <= 0 or args.resume):
@@ -520,7 +573,7 @@ def main():
 
     # ---- model and optimizer
     model_args = dict(name=args.model, width=args.width)
-    # NHWC: faster convs on CPU (oneDNN; 533 against 304 img/s for airbench here) and on tensor cores
+    # NHWC (channels last): the layout oneDNN's CPU convolutions and tensor cores are fastest in
     net = build_model(**model_args).to(device).to(memory_format=torch.channels_last)
     if args.model == "airbench":
         net.init_whitening(((train_x[:2000].float() / 255) - mean) / std)
@@ -533,10 +586,12 @@ def main():
     bias_decay = recipe["weight_decay"] / recipe["bias_lr"] if args.model == "airbench" else 0.0
     # fused: one kernel updates every tensor, and with the GradScaler it skips overflowed steps on the
     # device instead of asking the host (a sync) at every step
-    optimizer = torch.optim.SGD([dict(params=weights, weight_decay=recipe["weight_decay"], lr_scale=1.0),
-                                 dict(params=biases, weight_decay=bias_decay, lr_scale=recipe["bias_lr"])],
-                                lr=args.lr, momentum=recipe["momentum"], nesterov=args.model != "lenet",
+    optimizer = torch.optim.SGD([dict(params=weights, weight_decay=recipe["weight_decay"], lr=args.lr),
+                                 dict(params=biases, weight_decay=bias_decay, lr=args.lr * recipe["bias_lr"])],
+                                momentum=recipe["momentum"], nesterov=args.model != "lenet",
                                 fused=device.type in ("cuda", "cpu"))
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]  # the peak, which the schedule scales (PyTorch's schedulers use this key too)
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see choose_precision
     local_batch = args.batch_size // world
     steps_per_epoch = len(train_y) // args.batch_size
@@ -544,7 +599,8 @@ def main():
         fail(f"--batch-size {args.batch_size} is larger than the {len(train_y)} training images")
     budget = args.time_limit
     total_steps = None if budget else args.epochs * steps_per_epoch
-    early_crop, early_until = args.early_crop, 0.4
+    lookahead = Lookahead(net) if recipe["lookahead"] else None
+    lookahead_every = max(1, 5 * 1024 // args.batch_size)  # airbench: every 5 steps of 1024 images
 
     def progress(step):
         """0 at the start of training, 1 at its end: of the steps, or with --time-limit of the
@@ -565,6 +621,8 @@ def main():
             fail(f"--resume: {out} holds a {ckpt['model_args']} model, not {model_args}")
         net.load_state_dict(ckpt["resume"]["model"])
         optimizer.load_state_dict(ckpt["resume"]["optimizer"])
+        if lookahead and ckpt["resume"].get("lookahead"):
+            lookahead.slow = ckpt["resume"]["lookahead"]
         start_epoch, best_acc, best_state = ckpt["resume"]["epoch"], ckpt["best_val_acc"], ckpt["model"]
         log(f"resumed {out} after epoch {start_epoch} (best val acc {100 * best_acc:.2f}%)")
     model = net
@@ -572,20 +630,17 @@ def main():
         model = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
-    # Lookahead (Zhang et al. 2019) as hlb-cifar10 and airbench do it: every 5 steps, pull a slow
-    # copy of the weights toward the fast ones and restart the fast ones from it; the slow copy
-    # follows ever more slowly as training ends (rho grows with progress^3), averaging the noise out.
-    slow, lookahead_every = None, max(1, 5 * 1024 // args.batch_size)  # airbench: every 5 steps of 1024 images
-    float_state = lambda: [v for v in net.state_dict().values() if v.is_floating_point()]  # weights and BN statistics
+    eval_net = copy.deepcopy(net)  # validates the slow (averaged) weights while the fast ones train on
 
     # ---- training
-    start, seen, step, epoch = time.time(), 0, start_epoch * steps_per_epoch, start_epoch
+    start, seen, step = time.time(), 0, start_epoch * steps_per_epoch
     if device.type == "cpu":
         # As the learning rate decays, updates and momentum reach denormal floats (below 1e-38),
         # which x86 CPUs handle in slow microcode; flushing them to zero avoids that.
         torch.set_flush_denormal(True)
     p = p0 = 0.0 if budget else start_epoch / args.epochs
-    while p < 1:
+    epochs = itertools.count(start_epoch) if budget else range(start_epoch, args.epochs)  # a time limit ends by the clock
+    for epoch in epochs:
         model.train()
         t0, loss_sum, n_steps = time.time(), torch.zeros((), device=device), 0
         order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).to(device)
@@ -593,70 +648,56 @@ def main():
             p = progress(step)
             if p >= 1:
                 break
-            if budget and step == 3:
-                synchronize(device)  # a GPU's clock reading needs its queue emptied (twice per run, for the plan)
-                t_first = time.time()  # the first steps also pay for one-time setup
-            if budget and step == 8:  # the plan, from the speed of steps 3-7
-                synchronize(device)
-                t_step = (time.time() - t_first) / 5
-                # whole images cost about (31 / (crop - 1))^2 as much: the pixels after the 2x2 whitening
-                slower = (31 / (early_crop - 1)) ** 2 if p < early_until else 1.0
-                steps = budget * (early_until / t_step + (1 - early_until) / (t_step * slower)) if slower > 1 else budget / t_step
-                log(f"plan: {budget:.0f} s at {t_step:.3f} s/step -> about {steps:.0f} steps ({steps / steps_per_epoch:.1f} epochs)"
-                    + (f"; {early_crop}x{early_crop} crops until {early_until * budget:.0f} s, then whole images at about "
-                       f"{t_step * slower:.3f} s/step" if slower > 1 else "")
-                    + f"; learning rate {recipe['schedule']}" + f", lookahead from {0.3 * budget:.0f} s" * recipe["lookahead"])
+            if budget and step in (3, 8):  # the plan, from the speed of steps 3-7 (the first pay for setup)
+                synchronize(device)  # a GPU's clock reading needs its queue emptied (twice per run)
+                if step == 3:
+                    t_first = time.time()
+                else:
+                    log(plan_time_limit(budget, (time.time() - t_first) / 5, args.early_crop, steps_per_epoch, recipe))
             idx = order[i * args.batch_size + rank * local_batch:][:local_batch]  # this process's share
             x = train_x[idx].float().div_(255)
             if recipe["pad"]:  # random translation + flip: the same image never looks quite the same twice
                 flip = base_flip[idx] ^ bool(epoch % 2) if recipe["flip"] == "alternate" else torch.rand(len(idx), device=device) < 0.5
                 # Progressive image size (fast.ai's DAWNBench runs resized; Krizhevsky 2012 cropped
                 # CIFAR to 24x24): random crops at first cost about half as much per image.
-                x = augment(x, recipe["pad"], flip, early_crop if p < early_until else 32)
+                x = augment(x, recipe["pad"], flip, args.early_crop if p < EARLY_UNTIL else 32)
             x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
             for group in optimizer.param_groups:
-                group["lr"] = args.lr * group["lr_scale"] * lr_factor(recipe["schedule"], p)
+                group["lr"] = group["initial_lr"] * lr_factor(recipe["schedule"], p)
             loss = train_step(model, optimizer, scaler, x, train_y[idx], recipe["label_smoothing"], amp_dtype)
             step, n_steps = step + 1, n_steps + 1
-            if recipe["lookahead"] and p >= 0.3 and step % lookahead_every == 0:
-                with torch.no_grad():
-                    if slow is None:
-                        slow = [v.clone() for v in float_state()]
-                    rho = 0.95 ** 5 * p ** 3
-                    for s_v, v in zip(slow, float_state()):
-                        s_v.lerp_(v, 1 - rho)
-                        v.copy_(s_v)
+            if lookahead and step % lookahead_every == 0:
+                lookahead.update(net, rho=0.95 ** 5 * p ** 3)  # airbench's schedule: the slow copy slows as p -> 1
             loss_sum += loss  # stays on the device: no sync with the host every step
         if n_steps == 0:
             break
-        if slow is not None:  # what is validated and saved is the slow (averaged) copy
-            with torch.no_grad():
-                for s_v, v in zip(slow, float_state()):
-                    v.copy_(s_v)
-        epoch += 1
         synchronize(device)  # once per epoch: the epoch's GPU work is done before the clock is read
         dt = time.time() - t0
         seen += n_steps * args.batch_size
-        val_acc = (predict(net, val_x, mean, std, device, amp_dtype).argmax(1).cpu() == val_y).float().mean().item() if len(val_y) else 0.0
+        eval_net.load_state_dict(lookahead.averaged(net) if lookahead else net.state_dict())
+        val_acc = (predict(eval_net, val_x, mean, std, device, amp_dtype).argmax(1).cpu() == val_y).float().mean().item() if len(val_y) else 0.0
         elapsed = time.time() - start
         p = progress(step)
-        planned = f"{args.epochs}" if not budget else f"~{epoch / max(p, 1e-9):.1f}"
-        log(f"epoch {epoch}/{planned} | loss {loss_sum.item() / n_steps:.4f} | "
+        planned = f"{args.epochs}" if not budget else f"~{(epoch + 1) / max(p, 1e-9):.1f}"
+        log(f"epoch {epoch + 1}/{planned} | loss {loss_sum.item() / n_steps:.4f} | "
             f"{n_steps * args.batch_size / dt:,.0f} img/s | {1000 * dt / n_steps:.1f} ms/step | "
             f"elapsed {elapsed:.0f}s | eta {elapsed / max(p - p0, 1e-9) * max(0.0, 1 - p):.0f}s | val acc {100 * val_acc:.2f}%")
         if val_acc >= best_acc or best_state is None:
-            best_acc, best_state = val_acc, {k: v.detach().clone() for k, v in net.state_dict().items()}
+            best_acc, best_state = val_acc, {k: v.detach().clone() for k, v in eval_net.state_dict().items()}
         if master:
             save_checkpoint({
                 "kind": "classifier",  # sample.py refuses checkpoints of other scripts
-                "model": best_state,  # the best epoch's weights, what sample.py uses
+                "model": best_state,  # the best epoch's (slow) weights, what sample.py uses
                 "model_args": model_args,
                 "classes": classes,
                 "mean": mean.flatten().cpu(), "std": std.flatten().cpu(),
                 "best_val_acc": best_acc,
                 "config": vars(args),
-                "resume": {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
+                "resume": {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                           "lookahead": lookahead.slow if lookahead else None},
             }, out)
+        if p >= 1:
+            break
     train_seconds = time.time() - start
 
     # ---- evaluation of the best epoch on the test set, which training never saw
