@@ -669,6 +669,81 @@ def test_tonenet_sample_changes_only_velocities():
     assert out.count("-> loudest") == 3 and ("\u2588" in out or "\u2593" in out)  # the input, then each style
 
 
+def write_long_performance(path, velocity=None, minutes=4):
+    """A four-minute piece at 120 bpm: a melody in eighths over chords on the beat, 1,920 notes;
+    velocities of a performance (a swell every 8 bars, accents, jitter) or one constant velocity."""
+    import mido
+    import random
+    rng = random.Random(1)
+    mid = mido.MidiFile(type=0, ticks_per_beat=96)
+    events = []
+    for eighth in range(minutes * 60 * 4):
+        t = eighth * 48
+        swell = 25 * abs(((eighth % 64) - 32) / 32)  # 0 .. 25
+        keys = [60 + (eighth * 7) % 17] + ([40 + (eighth // 8) % 12, 47 + (eighth // 8) % 12] if eighth % 2 == 0 else [])
+        for i, key in enumerate(keys):
+            v = velocity or int(45 + swell + (10 if i == 0 else 0) + rng.randint(-4, 4))
+            events += [(t, 1, key, v), (t + 44, 0, key, 0)]
+    events.sort()
+    track, now = mido.MidiTrack(), 0
+    for tick, on, key, v in events:
+        track.append(mido.Message("note_on" if on else "note_off", note=key, velocity=v, time=tick - now))
+        now = tick
+    mid.tracks.append(track)
+    mid.save(path)
+    return path
+
+
+def note_on_velocities(path):
+    import mido
+    return [m.velocity for m in mido.merge_tracks(mido.MidiFile(path).tracks) if m.type == "note_on" and m.velocity > 0]
+
+
+def test_tonenet_level_sets_the_mean_velocity():
+    ckpt, _ = tonenet_checkpoint()
+    performance = write_long_performance(TMP / "long_performance.mid")
+    given = note_on_velocities(performance)
+    for level in (30, 50, 100):
+        out_path = TMP / f"level{level}.mid"
+        out, _ = run("tonenet/sample.py", performance, "--style", "lyrical", "--level", level, "--out", out_path, "--checkpoint", ckpt)
+        v = note_on_velocities(out_path)
+        assert len(v) == len(given) > 1800 and abs(sum(v) / len(v) - level) <= 1, (level, sum(v) / len(v))
+        assert max(v) - min(v) > 10  # the style's dynamics, not one flat velocity
+        model_seconds = float(re.search(r"model time ([\d.]+) s for (\d+) s of music", out).group(1))
+        assert model_seconds < 1.0, out  # a four-minute piece in under a second
+    out, _ = run("tonenet/sample.py", performance, "--style", "groove", "--level", "keep", "--out", TMP / "kept.mid", "--checkpoint", ckpt)
+    kept = note_on_velocities(TMP / "kept.mid")
+    assert "the input's mean velocity" in out and abs(sum(kept) / len(kept) - sum(given) / len(given)) <= 1
+    assert kept != given
+    # a score at one velocity has no loudness to keep: the style's own level, and the output says so
+    score = write_long_performance(TMP / "long_score.mid", velocity=64, minutes=1)
+    out, _ = run("tonenet/sample.py", score, "--style", "groove", "--level", "keep", "--out", TMP / "score_kept.mid", "--checkpoint", ckpt)
+    _, _ = run("tonenet/sample.py", score, "--style", "groove", "--out", TMP / "score_own.mid", "--checkpoint", ckpt)
+    assert "is a score" in out and note_on_velocities(TMP / "score_kept.mid") == note_on_velocities(TMP / "score_own.mid")
+    fails_with("tonenet/sample.py", score, "--level", "loud", "--checkpoint", ckpt, message=r"--level loud: give a mean velocity from 1 to 127")
+    fails_with("tonenet/sample.py", score, "--level", 0, "--checkpoint", ckpt, message=r"--level 0: give")
+
+
+def test_tonenet_performances_of_one_piece_share_a_split():
+    tn = import_script("tonenet/train.py")
+    assert tn.piece_of("Bach_Fugue_bwv_889_Giesbrecht01M.mid") == "Bach_Fugue_bwv_889" == tn.piece_of("Bach_Fugue_bwv_889_LiuY01M.mid")
+    assert tn.piece_of("Beethoven_Piano_Sonatas_32-1_FALIKS01_2004.mid") == "Beethoven_Piano_Sonatas_32-1"
+    assert tn.piece_of("Chopin_Etude_op_10_3_Bult-ItoS02M.mid") == "Chopin_Etude_op_10_3"
+    for name in ("pop909_001.mid", "Mozart_mz_330_3.mid", "Albeniz_alb_esp1.mid", "piece2.mid"):
+        assert tn.piece_of(name) == name[:-4]  # no performer tag: a piece of its own
+    performers = ["Giesbrecht01M", "LiuY01M", "KabuliL01M"]
+    files = [(f"Chopin_Ballade_{k}_{performers[(k + j) % 3]}.mid", None, None) for k in range(30) for j in range(1 + k % 3)]
+    for seed in range(20):
+        split = tn.split_files({"classical": files}, 0.1, 0.15, seed)
+        where = {}
+        for name, part in split.items():
+            for f, _, _ in part["classical"]:
+                where.setdefault(tn.piece_of(f), set()).add(name)
+        assert len(where) == 30 and all(len(splits) == 1 for splits in where.values()), where
+        assert sum(len(part["classical"]) for part in split.values()) == len(files)
+        assert all(part["classical"] for part in split.values())
+
+
 def test_tonenet_bad_inputs():
     ckpt, _ = tonenet_checkpoint()
     good = write_test_midi(TMP / "good.mid")
@@ -718,7 +793,7 @@ def test_tonenet_reads_a_folder_of_styles():
             mid.save(data / style / f"piece{i}.mid")
     (data / "loud" / "broken.mid").write_bytes(b"MThd\x00\x00")
     out, err = run("tonenet/train.py", "--data", data, "--epochs", 3, "--window", 64, "--out", TMP / "folder.pt")
-    assert "read 8 MIDI files" in out and "broken.mid" in err and "data: soft: 2 train / 1 val / 1 test files" in out, out[:1500]
+    assert "read 8 MIDI files" in out and "broken.mid" in err and "data: soft: train 2 files of 2 pieces" in out, out[:1500]
     assert "result: model=tonenet" in out
 
 

@@ -3,9 +3,15 @@
     python tonenet/sample.py                                          # a built-in piece, performed in every style
     python tonenet/sample.py piece.mid --style pop --out performed.mid
     python tonenet/sample.py piece.mid                                # every style: out/piece_<style>.mid
+    python tonenet/sample.py performance.mid --level keep             # the style's shape at the input's own loudness
+    python tonenet/sample.py piece.mid --level 50                     # ... at a mean velocity of 50
 
 Only the velocity of each sounding note_on changes: it becomes the model's prediction for its
-key at its grid cell (rounded, clamped to 1-127). Every other message (timing, tracks, tempo,
+key at its grid cell (rounded, clamped to 1-127). The overall loudness is the style's own unless
+--level asks for another mean velocity: then the whole performance is shifted by one constant,
+so the style's shape of the dynamics is kept at the chosen level. --level keep uses the input's
+own mean where the input is a performance (its velocities vary, sd of 2 or more); a score at one
+velocity has no loudness of its own, and gets the style's. Every other message (timing, tracks, tempo,
 pedal, program changes, note-offs, meta events) is copied as it was, so the output has the same
 notes at the same times. The input file is never overwritten.
 
@@ -22,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train import LOWEST, compose, encode, fail, load_checkpoint, open_midi, read_notes, seconds_of  # the sibling train.py
+from train import (LOWEST, compose, encode, fail, is_performance, load_checkpoint, open_midi, read_notes,  # the sibling train.py
+                   seconds_of, set_level)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
 from common import get_device, seed_everything
@@ -75,11 +82,14 @@ def main():
     parser.add_argument("input", nargs="?", help="a .mid file (default: a built-in piece)")
     parser.add_argument("--style", default="all", help="a style from the checkpoint, or all (default: %(default)s)")
     parser.add_argument("--out", default=None, help="output .mid; with several styles, _<style> is added to its name (default: tonenet/out/<input>_<style>.mid)")
+    parser.add_argument("--level", default=None, help="mean velocity of the performance: a number 1-127, or keep (the input's own, if it is a performance); default: the style's own")
     parser.add_argument("--bars", type=int, default=2, help="bars (of 4 beats) shown in the piano roll (default: %(default)s)")
     parser.add_argument("--checkpoint", default=str(Path(__file__).parent / "out" / "tonenet.pt"), help="from tonenet/train.py (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the built-in piece (default: %(default)s)")
     args = parser.parse_args()
+    if args.level not in (None, "keep") and not (args.level.isdigit() and 1 <= int(args.level) <= 127):
+        fail(f"--level {args.level}: give a mean velocity from 1 to 127, or keep")
     seed_everything(args.seed)
     device = get_device(args.device)
     ckpt, model = load_checkpoint(args.checkpoint, device)
@@ -115,6 +125,14 @@ def main():
               + "  ".join(f"{k} {v:.1f}" for k, v in means.items()) + f"  -> loudest: {loudest}")
 
     stats("input", notes["velocity"])
+    level = None if args.level in (None, "keep") else float(args.level)  # None: the style's own
+    if args.level == "keep":
+        if is_performance(notes["velocity"]):
+            level = float(notes["velocity"].mean())
+            print(f"  --level keep: the input's mean velocity, {level:.1f}")
+        else:
+            print(f"  --level keep: the input is a score (velocity sd {notes['velocity'].std():.1f}, under 2), "
+                  "so the style's own level")
 
     # ---- where each style's performance goes; never onto the input
     outputs = {}
@@ -137,7 +155,7 @@ def main():
         with torch.inference_mode():
             pred = model.perform(roll_t, styles.index(style), ckpt["window"])  # (T, 88)
             new = pred[torch.from_numpy(step).to(device), torch.from_numpy(notes["key"]).to(device)]
-            new = new.round().clamp(1, 127).to(torch.int64).cpu().numpy()
+            new = (new.round().clamp(1, 127) if level is None else set_level(new, level)).to(torch.int64).cpu().numpy()
         model_seconds = time.time() - t0
         for n in range(len(new)):
             track, index = int(notes["track"][n]), int(notes["index"][n])

@@ -23,6 +23,7 @@ import argparse
 import math
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -308,17 +309,32 @@ def folder_pieces(data, steps_per_beat, pedal):
     return out
 
 
+# ASAP names a performance Composer_Work_..._Performer.mid, the performer a capitalised name and a
+# number (Giesbrecht01M, FALIKS01_2004): two performances of one piece differ only in that tag.
+PERFORMER = re.compile(r"_[A-Z][A-Za-z-]*\d+M?(_\d{4})?$")
+
+
+def piece_of(name):
+    """The piece a file performs: its name without ASAP's performer tag (any other file is a piece of its own)."""
+    return PERFORMER.sub("", Path(name).stem)
+
+
 def split_files(pieces, val_frac, test_frac, seed):
-    """Split each style by file (seeded): no file is in two splits."""
+    """Split each style by piece (seeded): every performance of a piece falls in one split, so no
+    test piece was heard in training, played by someone else."""
     splits = {"train": {}, "val": {}, "test": {}}
     for style, items in pieces.items():
-        items = list(items)
-        random.Random(seed).shuffle(items)
-        n_test = max(1, round(test_frac * len(items)))
-        n_val = max(1, round(val_frac * len(items)))
-        splits["test"][style] = items[:n_test]
-        splits["val"][style] = items[n_test:n_test + n_val]
-        splits["train"][style] = items[n_test + n_val:]
+        groups = {}
+        for item in items:
+            groups.setdefault(piece_of(item[0]), []).append(item)
+        order = sorted(groups)
+        if len(order) < 3:
+            fail(f"style {style} has {len(order)} piece(s) (performances of one piece count once): need at least 3 (train, validation, test)")
+        random.Random(seed).shuffle(order)
+        n_test = max(1, round(test_frac * len(order)))
+        n_val = max(1, round(val_frac * len(order)))
+        for name, chosen in (("test", order[:n_test]), ("val", order[n_test:n_test + n_val]), ("train", order[n_test + n_val:])):
+            splits[name][style] = [item for piece in chosen for item in groups[piece]]
     return splits
 
 
@@ -350,17 +366,40 @@ def shift_keys(roll, target, shift):
 # ----------------------------------------------------------------------------- model
 
 
-class Encoder(nn.Module):
-    """A linear layer over the 176 note features of each step, then a bidirectional LSTM."""
+def note_features(roll, voices):
+    """roll (B, T, 88, 2) -> (B, T, 88, F) floats. With `voices`, three more per key, all from the
+    notes alone: the top voice (the highest key sounding at the step), the bottom voice (the
+    lowest), and at a struck key how long the note is held, as log(1 + steps) / log(1 + T)."""
+    if not voices:
+        return roll.float()
+    struck, sounding = roll[..., 0].float(), roll[..., 1].float()  # (B, T, 88)
+    B, T, K = sounding.shape
+    key = torch.arange(K, device=roll.device)
+    any_sounding = sounding.amax(-1, keepdim=True)  # (B, T, 1)
+    top = (key == (sounding * (key + 1)).argmax(-1, keepdim=True)).float() * any_sounding  # highest sounding key
+    bottom = (key == (sounding * (K - key)).argmax(-1, keepdim=True)).float() * any_sounding  # lowest
+    # A note struck at t lasts until the first later step where its key is silent or struck again:
+    # the suffix minimum of those steps' indices (reversed cummin), minus t.
+    step = torch.arange(T, device=roll.device).view(1, T, 1).expand(B, T, K)
+    ends = torch.where((sounding == 0) | (struck == 1), step, T)  # (B, T, 88)
+    ends = torch.cat([ends[:, 1:], torch.full_like(ends[:, :1], T)], 1)  # only later steps count
+    first_end = ends.flip(1).cummin(1).values.flip(1)  # (B, T, 88) the first end after t
+    held = torch.log1p((first_end - step).float()) / math.log1p(T) * struck
+    return torch.stack([struck, sounding, top, bottom, held], -1)
 
-    def __init__(self, hidden, layers, dropout):
+
+class Encoder(nn.Module):
+    """A linear layer over the note features of each step (88 keys x F), then a bidirectional LSTM."""
+
+    def __init__(self, hidden, layers, dropout, voices=False):
         super().__init__()
-        self.inp = nn.Linear(KEYS * 2, hidden)
+        self.voices = voices
+        self.inp = nn.Linear(KEYS * (5 if voices else 2), hidden)
         self.lstm = nn.LSTM(hidden, hidden, layers, batch_first=True, bidirectional=True, dropout=dropout if layers > 1 else 0)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, roll):  # (B, T, 88, 2) in {0, 1}
-        x = self.drop(torch.relu(self.inp(roll.flatten(2))))  # (B, T, H)
+        x = self.drop(torch.relu(self.inp(note_features(roll, self.voices).flatten(2))))  # (B, T, H)
         out, _ = rnn_fp32(self.lstm, x)  # in fp32 under bf16 autocast: see common.rnn_fp32
         return self.drop(out)  # (B, T, 2H): each step sees the whole window, past and future
 
@@ -402,9 +441,9 @@ class ToneNet(nn.Module):
     """A shared encoder and one head per style; model="stylenet" swaps the attention decoders
     for linear heads. Velocities come out as sigmoid(logit) * 127."""
 
-    def __init__(self, styles, hidden=64, layers=2, dropout=0.2, model="tonenet"):
+    def __init__(self, styles, hidden=64, layers=2, dropout=0.2, model="tonenet", voices=False):
         super().__init__()
-        self.encoder = Encoder(hidden, layers, dropout)
+        self.encoder = Encoder(hidden, layers, dropout, voices)
         head = LuongDecoder if model == "tonenet" else LinearHead
         self.heads = nn.ModuleList(head(hidden, dropout) for _ in styles)
 
@@ -435,14 +474,16 @@ class ToneNet(nn.Module):
 # ----------------------------------------------------------------------------- training
 
 
-def train_step(model, optimizer, scaler, x, target, style, clip, amp_dtype):
+def train_step(model, optimizer, scaler, x, target, style, clip, amp_dtype, loss_kind="mse"):
     """One update: x (B, T, 88, 2) the notes, target (B, T, 88) velocities / 127, style (B,) on the
     host. Returns the loss, left on the device (reading it would make the CPU wait for the GPU)."""
     struck = x[..., 0]  # (B, T, 88) 1 where a key is struck: only struck keys have a velocity
     with autocast(x.device, amp_dtype):
         pred = model(x, style) / 127
-    # the mean squared error over the struck keys, as a masked sum (pred[struck] would wait for the GPU to count them)
-    loss = ((pred - target) ** 2 * struck).sum() / struck.sum().clamp_min(1)
+    # the error over the struck keys, as a masked sum (pred[struck] would wait for the GPU to count them):
+    # squared (ToneNet's), or absolute, the error the evaluation reports (its minimiser is the median)
+    error = (pred - target) ** 2 if loss_kind == "mse" else (pred - target).abs()
+    loss = (error * struck).sum() / struck.sum().clamp_min(1)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # with the scaler off (fp32, bf16) these are plain backward() ...
     scaler.unscale_(optimizer)  # fp16: true gradients before clipping
@@ -463,26 +504,50 @@ def pearson(a, b):
 @torch.inference_mode()
 def evaluate(model, split, styles, window, device, train_means):
     """Per style, over every struck note of the split's files: the model's MAE (MIDI units) and
-    Pearson correlation, and three baselines on the same notes: a constant 64, the style's mean
-    training velocity, and each file's own mean velocity (an oracle told each file's loudness)."""
+    Pearson correlation; the model's MAE with each file's level given (its predictions shifted so
+    their mean is the file's true mean: the shape of the dynamics alone); and three baselines on
+    the same notes: a constant 64, the style's mean training velocity, and each file's own mean
+    velocity (an oracle told each file's loudness)."""
     model.eval()
     report = {}
     for s, style in enumerate(styles):
-        preds, trues, file_means = [], [], []
+        preds, trues, file_means, leveled = [], [], [], []
         for _, roll, vel in split[style]:
             roll_t = torch.from_numpy(roll).to(device)
             vel_t = torch.from_numpy(vel).to(device).float()
             struck = roll_t[..., 0].bool()
-            pred = model.perform(roll_t.float(), s, window)
-            preds.append(pred[struck])
-            trues.append(vel_t[struck])
-            file_means.append(vel_t[struck].mean().expand(int(struck.sum())))
-        p, t, fm = torch.cat(preds), torch.cat(trues), torch.cat(file_means)
-        report[style] = dict(mae=float((p - t).abs().mean()), corr=pearson(p, t), notes=len(t),
+            pred, true = model.perform(roll_t.float(), s, window)[struck], vel_t[struck]
+            preds.append(pred)
+            trues.append(true)
+            file_means.append(true.mean().expand(len(true)))
+            leveled.append(pred - pred.mean() + true.mean())
+        p, t, fm, lv = torch.cat(preds), torch.cat(trues), torch.cat(file_means), torch.cat(leveled)
+        report[style] = dict(mae=float((p - t).abs().mean()), corr=pearson(p, t), level_mae=float((lv - t).abs().mean()),
+                             notes=len(t), files=len(split[style]), pieces=len({piece_of(name) for name, _, _ in split[style]}),
                              const64=float((t - 64).abs().mean()), style_mean=float((t - train_means[style]).abs().mean()),
                              file_mean=float((t - fm).abs().mean()))
     model.train()
     return report
+
+
+def set_level(velocity, level):
+    """Velocities (N,) float shifted by one constant so that, rounded and clamped to 1-127 as they
+    are written, their mean is `level`: the shift is found by bisection, because clamping at the
+    ends pulls a plain shift's mean off. The shape of the dynamics is kept."""
+    lo, hi = -127.0, 127.0
+    for _ in range(40):
+        shift = (lo + hi) / 2
+        if float((velocity + shift).round().clamp(1, 127).mean()) < level:
+            lo = shift
+        else:
+            hi = shift
+    return (velocity + hi).round().clamp(1, 127)
+
+
+def is_performance(velocity):
+    """True when a file's velocities vary (a performance); False for a score at one or two
+    velocities (sd under 2 MIDI units), whose mean says nothing about how loud it should be."""
+    return len(velocity) > 1 and float(np.std(velocity)) >= 2
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -525,14 +590,19 @@ def main():
     parser.add_argument("--pedal", action=argparse.BooleanOptionalAction, default=True, help="lengthen notes held by the sustain pedal (default: %(default)s)")
     parser.add_argument("--test-frac", type=float, default=0.15, help="held-out test files per style (default: %(default)s)")
     parser.add_argument("--val-frac", type=float, default=0.1, help="validation files per style, picks the best epoch (default: %(default)s)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation/test split, kept apart from --seed so that runs with different seeds are tested on the same pieces (default: %(default)s)")
     parser.add_argument("--transpose", type=int, default=3, help="training batches are moved up or down by up to this many keys, 0 for none (default: %(default)s)")
     parser.add_argument("--hidden", type=int, default=64, help="LSTM size (default: %(default)s)")
     parser.add_argument("--layers", type=int, default=2, help="encoder LSTM layers (default: %(default)s)")
     parser.add_argument("--dropout", type=float, default=0.2, help="(default: %(default)s)")
+    parser.add_argument("--voices", action=argparse.BooleanOptionalAction, default=False, help="add note features: top voice, bottom voice, how long each note is held (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=24, help="(default: %(default)s)")
     parser.add_argument("--time-limit", type=float, default=0, help="stop training after this many seconds, 0 for none (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per batch; small batches give more updates a minute (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate; ToneNet used 1e-3, which at batch 8 needs about twice the epochs (default: %(default)s)")
+    parser.add_argument("--lr-decay", action=argparse.BooleanOptionalAction, default=False, help="cosine decay of the learning rate to a tenth over the run (default: %(default)s)")
+    parser.add_argument("--loss", default="mse", choices=["mse", "l1"], help="squared error (ToneNet's) or absolute error on velocity/127 (default: %(default)s)")
     parser.add_argument("--clip", type=float, default=10.0, help="gradient norm clipping (default: %(default)s)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "tonenet.pt"), help="checkpoint path (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
@@ -552,7 +622,7 @@ def main():
     else:
         pieces = folder_pieces(args.data, args.steps_per_beat, args.pedal)
     styles = list(pieces)
-    split = split_files(pieces, args.val_frac, args.test_frac, args.seed)
+    split = split_files(pieces, args.val_frac, args.test_frac, args.split_seed)
     train_means = {}
     parts = []
     for s, style in enumerate(styles):
@@ -563,14 +633,18 @@ def main():
     vel = torch.cat([p[1] for p in parts]).to(device)  # (N, W, 88) uint8
     style_of = torch.cat([p[2] for p in parts])  # (N,) on the host: the model routes windows by it
     for style in styles:
-        print(f"data: {style}: {len(split['train'][style])} train / {len(split['val'][style])} val / {len(split['test'][style])} test files, "
-              f"mean training velocity {train_means[style]:.1f}")
+        counts = {name: (len(part[style]), len({piece_of(f) for f, _, _ in part[style]}), sum(int(r[..., 0].sum()) for _, r, _ in part[style]))
+                  for name, part in split.items()}
+        print(f"data: {style}: " + " / ".join(f"{name} {files} files of {pieces} pieces, {notes:,} notes" for name, (files, pieces, notes) in counts.items())
+              + f"; mean training velocity {train_means[style]:.1f}")
     print(f"data: {len(roll)} training windows of {args.window} steps ({args.window / args.steps_per_beat:.0f} beats)")
 
     # ---- model
-    model_args = dict(styles=styles, hidden=args.hidden, layers=args.layers, dropout=args.dropout, model=args.model)
+    model_args = dict(styles=styles, hidden=args.hidden, layers=args.layers, dropout=args.dropout, model=args.model, voices=args.voices)
     model = ToneNet(**model_args).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
+    # AdamW (Loshchilov and Hutter 2019): weight decay apart from the adaptive step; 0 is plain Adam
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))  # fused: one kernel for all tensors
     amp_dtype, needs_scaler = precision_for(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see common.choose_precision
     print(f"model: {args.model}, {sum(p.numel() for p in model.parameters()):,} parameters, {len(styles)} style heads, on {device}, "
@@ -579,14 +653,19 @@ def main():
     # ---- training
     out, best, train_time, seen = Path(args.out), float("inf"), 0.0, 0
     generator = torch.Generator().manual_seed(args.seed)
+    batches_per_epoch = -(-len(roll) // args.batch_size)
     for epoch in range(1, args.epochs + 1):
         t0, loss_sum, n_batches = time.time(), torch.zeros((), device=device), 0
         for idx in torch.randperm(len(roll), generator=generator).split(args.batch_size):  # all styles' windows shuffled together
+            if args.lr_decay:  # cosine from lr down to lr/10 over the run: of the seconds with --time-limit, else of the batches
+                p = (train_time + time.time() - t0) / args.time_limit if args.time_limit else (epoch - 1 + n_batches / batches_per_epoch) / args.epochs
+                for group in optimizer.param_groups:
+                    group["lr"] = args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(p, 1.0))))
             rows = idx.to(device, non_blocking=True)
             x, target = roll[rows].float(), vel[rows].float() / 127
             if args.transpose:  # augmentation: the same performance a few keys higher or lower
                 x, target = shift_keys(x, target, int(torch.randint(-args.transpose, args.transpose + 1, (), generator=generator)))
-            loss_sum += train_step(model, optimizer, scaler, x, target, style_of[idx], args.clip, amp_dtype)  # on the device
+            loss_sum += train_step(model, optimizer, scaler, x, target, style_of[idx], args.clip, amp_dtype, args.loss)  # on the device
             n_batches += 1
             seen += len(idx)
             if args.time_limit and train_time + time.time() - t0 > args.time_limit:
@@ -617,12 +696,14 @@ def main():
     # ---- the best epoch on the held-out test files
     ckpt, model = load_checkpoint(out, device)
     report = evaluate(model, split["test"], styles, args.window, device, train_means)
-    print(f"test (held-out files, best epoch {ckpt['epoch']}): velocity MAE in MIDI units over struck notes")
-    print(f"  {'style':<12}{'notes':>8}{args.model:>10}{'corr':>7}{'const 64':>10}{'style mean':>12}{'file mean*':>12}")
+    print(f"test (held-out pieces, best epoch {ckpt['epoch']}): velocity MAE in MIDI units over struck notes")
+    print(f"  {'style':<12}{'pieces':>7}{'notes':>8}{args.model:>10}{'corr':>7}{'level given*':>14}"
+          f"{'const 64':>10}{'style mean':>12}{'file mean*':>12}")
     for style, r in report.items():
-        print(f"  {style:<12}{r['notes']:>8}{r['mae']:>10.2f}{r['corr']:>7.3f}{r['const64']:>10.2f}{r['style_mean']:>12.2f}{r['file_mean']:>12.2f}")
-    print("  * an oracle told each test file's true mean velocity")
-    fields = [f"{s}_{k}={r[k]:.3f}" for s, r in report.items() for k in ("mae", "corr", "const64", "style_mean", "file_mean")]
+        print(f"  {style:<12}{r['pieces']:>7}{r['notes']:>8}{r['mae']:>10.2f}{r['corr']:>7.3f}{r['level_mae']:>14.2f}"
+              f"{r['const64']:>10.2f}{r['style_mean']:>12.2f}{r['file_mean']:>12.2f}")
+    print("  * told each test file's true mean velocity: the model shifted to it, and the file-mean oracle")
+    fields = [f"{s}_{k}={r[k]:.3f}" for s, r in report.items() for k in ("mae", "corr", "level_mae", "const64", "style_mean", "file_mean")]
     print(f"result: model={args.model} mae={sum(r['mae'] for r in report.values()) / len(report):.3f} "
           f"style_mean_mae={sum(r['style_mean'] for r in report.values()) / len(report):.3f} {' '.join(fields)} "
           f"windows_per_s={seen / max(train_time, 1e-9):.0f} train_seconds={train_time:.1f}")
