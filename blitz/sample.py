@@ -57,7 +57,8 @@ print(f"\n# inference in eval mode on 1000 new images: accuracy {100 * accuracy:
 for i in range(min(args.n, len(labels))):
     p, k = probs[i].max(0)
     print(f"  image {i}: predicted {CLASSES[k]:<10} p={p:.2f}   true {CLASSES[labels[i]]}")
-assert accuracy > 0.8, "the checkpoint should classify new images far above chance"
+trained = not ckpt["config"].get("dry_run")  # a --dry-run checkpoint has barely trained
+assert accuracy > 0.8 or not trained, "the checkpoint should classify new images far above chance"
 
 # ----------------------------------------------------------------------------- forward hook
 captured = {}
@@ -99,7 +100,7 @@ with torch.no_grad():
 unchanged = all(torch.equal(v, model.state_dict()[k]) for k, v in frozen_before.items())
 print(f"\n# fine-tuned only fc2 ({sum(p.numel() for p in trainable)} of {sum(p.numel() for p in model.parameters())} "
       f"parameters) for 'horizontal stroke?': held-out accuracy {100 * ft_acc:.1f}%; frozen layers unchanged: {unchanged}")
-assert unchanged and ft_acc > 0.8
+assert unchanged and (ft_acc > 0.8 or not trained)
 
 # ----------------------------------------------------------------------------- export
 # torch.export traces the model into a graph that runs without this Python source; the batch

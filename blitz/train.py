@@ -31,42 +31,6 @@ from common import autocast, get_device, precision_for, seed_everything, synchro
 CLASSES = ["horizontal", "vertical", "box", "cross"]
 IMAGE_SIZE = 16
 
-# ----------------------------------------------------------------------------- data
-
-
-def make_shapes(n, seed, size=IMAGE_SIZE):
-    """n noisy images of the four CLASSES, drawn with tensor ops (no per-pixel loops).
-    Returns images (n, 1, size, size) float32 and labels (n,) int64."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, len(CLASSES), (n,), generator=g)
-    half = torch.randint(2, 6, (n, 1, 1), generator=g)  # half-length of a bar / half-side of a box
-    cy = torch.randint(0, size, (n, 1, 1), generator=g).clamp(half, size - 1 - half)  # keep it inside
-    cx = torch.randint(0, size, (n, 1, 1), generator=g).clamp(half, size - 1 - half)
-    dy = (torch.arange(size).view(1, size, 1) - cy).abs()  # (n, size, 1) distance from the centre row
-    dx = (torch.arange(size).view(1, 1, size) - cx).abs()  # (n, 1, size)
-    horizontal = (dy == 0) & (dx <= half)  # (n, size, size)
-    vertical = (dx == 0) & (dy <= half)
-    box = torch.maximum(dy, dx) == half
-    cross = horizontal | vertical
-    masks = torch.stack([horizontal, vertical, box, cross], dim=1)  # (n, 4, size, size)
-    shape = masks[torch.arange(n), labels].float()  # (n, size, size): each image's own shape
-    brightness = 0.5 + 0.5 * torch.rand(n, 1, 1, generator=g)
-    images = shape * brightness + 0.2 * torch.randn(n, size, size, generator=g)
-    return images.unsqueeze(1), labels  # add the channel dimension: (n, 1, size, size)
-
-
-class ShapesDataset(Dataset):
-    """A map-style Dataset: the DataLoader asks for len() and for items by index."""
-
-    def __init__(self, n, seed):
-        self.images, self.labels = make_shapes(n, seed)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], self.labels[i]  # (1, 16, 16), ()
-
 
 # ----------------------------------------------------------------------------- model
 
@@ -110,7 +74,53 @@ class Net(nn.Module):
         return self.fc2(x)  # (B, n_classes) logits; the loss applies the softmax
 
 
+# ----------------------------------------------------------------------------- data
+
+
+class ShapesDataset(Dataset):
+    """A map-style Dataset: the DataLoader asks for len() and for items by index."""
+
+    def __init__(self, n, seed):
+        self.images, self.labels = make_shapes(n, seed)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]  # (1, 16, 16), ()
+
+
 # ----------------------------------------------------------------------------- training
+
+
+def train_epoch(model, loader, optimizer, scheduler, scaler, device, amp_dtype):
+    """One pass over the training set, the blitz's five steps per batch. Returns the mean loss
+    as a tensor on the device: loss.item() per step would make the CPU wait for the GPU."""
+    model.train()  # training behaviour for dropout and batch norm
+    loss_sum = torch.zeros((), device=device)
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)  # 1. clear the gradients of the last step
+        with autocast(device, amp_dtype):  # --amp: the forward pass in bf16 or fp16 where faster
+            logits = model(images)  # 2. forward
+            loss = F.cross_entropy(logits, labels)  # 3. loss
+        scaler.scale(loss).backward()  # 4. backward: fill .grad of every parameter
+        scaler.step(optimizer)  # 5. update the parameters (with the scaler off, 4 and 5 are
+        scaler.update()  #         plain loss.backward() and optimizer.step())
+        scheduler.step()  # the learning rate follows its schedule, per step
+        loss_sum += loss.detach()
+    return loss_sum / len(loader)
+
+
+def save_checkpoint(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()  # no graph is recorded: validation needs no gradients
@@ -126,12 +136,31 @@ def evaluate(model, loader, device):
     return loss_sum / count, correct / count
 
 
-def save_checkpoint(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+# ----------------------------------------------------------------------------- built-in data: four shapes in noise
+
+
+def make_shapes(n, seed, size=IMAGE_SIZE):
+    """n noisy images of the four CLASSES, drawn with tensor ops (no per-pixel loops).
+    Returns images (n, 1, size, size) float32 and labels (n,) int64."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, len(CLASSES), (n,), generator=g)
+    half = torch.randint(2, 6, (n, 1, 1), generator=g)  # half-length of a bar / half-side of a box
+    cy = torch.randint(0, size, (n, 1, 1), generator=g).clamp(half, size - 1 - half)  # keep it inside
+    cx = torch.randint(0, size, (n, 1, 1), generator=g).clamp(half, size - 1 - half)
+    dy = (torch.arange(size).view(1, size, 1) - cy).abs()  # (n, size, 1) distance from the centre row
+    dx = (torch.arange(size).view(1, 1, size) - cx).abs()  # (n, 1, size)
+    horizontal = (dy == 0) & (dx <= half)  # (n, size, size)
+    vertical = (dx == 0) & (dy <= half)
+    box = torch.maximum(dy, dx) == half
+    cross = horizontal | vertical
+    masks = torch.stack([horizontal, vertical, box, cross], dim=1)  # (n, 4, size, size)
+    shape = masks[torch.arange(n), labels].float()  # (n, size, size): each image's own shape
+    brightness = 0.5 + 0.5 * torch.rand(n, 1, 1, generator=g)
+    images = shape * brightness + 0.2 * torch.randn(n, size, size, generator=g)
+    return images.unsqueeze(1), labels  # add the channel dimension: (n, 1, size, size)
+
+
+# ----------------------------------------------------------------------------- main
 
 
 def main():
@@ -148,7 +177,10 @@ def main():
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision; auto: bf16 on GPUs from Ampere on, fp16 with a GradScaler on older GPUs (a T4), fp32 on CPUs and MPS (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
+    parser.add_argument("--dry-run", action="store_true", help="one epoch of two batches: checks that every line runs, in seconds")
     args = parser.parse_args()
+    if args.dry_run:  # pytorch/examples' --dry-run: the whole script once, on the smallest data
+        args.epochs, args.train_size, args.val_size = 1, 2 * args.batch_size, args.batch_size
     print("settings:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
     seed_everything(args.seed, args.deterministic)
     device = get_device(args.device)
@@ -179,26 +211,15 @@ def main():
     # One-cycle schedule (Smith & Topin 2018): warm up, then anneal; converges in few epochs.
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch)
     out = Path(args.out)
-    best_acc, start = 0.0, time.time()
+    best_acc, start = -1.0, time.time()
     for epoch in range(1, args.epochs + 1):
-        model.train()  # training behaviour for dropout and batch norm
-        t0, loss_sum = time.time(), torch.zeros((), device=device)
-        for images, labels in train_loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)  # 1. clear the gradients of the last step
-            with autocast(device, amp_dtype):  # --amp: the forward pass in bf16 or fp16 where that is faster
-                logits = model(images)  # 2. forward
-                loss = F.cross_entropy(logits, labels)  # 3. loss
-            scaler.scale(loss).backward()  # 4. backward: fill .grad of every parameter
-            scaler.step(optimizer)  # 5. update the parameters (with the scaler off, 4 and 5 are plain backward() and step())
-            scaler.update()
-            scheduler.step()  # the learning rate follows its schedule, per step
-            loss_sum += loss.detach()  # on the device: loss.item() here would make the CPU wait for the GPU every step
+        t0 = time.time()
+        loss = train_epoch(model, train_loader, optimizer, scheduler, scaler, device, amp_dtype)
         synchronize(device)  # GPU work runs behind the Python code: wait for it before reading the clock
         dt = time.time() - t0
         elapsed = time.time() - start
         val_loss, val_acc = evaluate(model, val_loader, device)
-        print(f"epoch {epoch}/{args.epochs} | loss {loss_sum.item() / steps_per_epoch:.4f} | "
+        print(f"epoch {epoch}/{args.epochs} | loss {loss.item():.4f} | "
               f"{steps_per_epoch * args.batch_size / dt:,.0f} img/s | {1000 * dt / steps_per_epoch:.1f} ms/step | "
               f"elapsed {elapsed:.1f}s | eta {elapsed / epoch * (args.epochs - epoch):.1f}s | "
               f"val loss {val_loss:.4f} acc {100 * val_acc:.1f}%")
@@ -215,8 +236,9 @@ def main():
                 "config": vars(args),
                 "kind": "blitz",  # sample.py refuses checkpoints of other models
             }, out)
+    train_seconds = time.time() - start
     print(f"saved best checkpoint to {out}")
-    print(f"result: val_acc={100 * best_acc:.2f} chance=25.00 epochs={args.epochs} seconds={time.time() - start:.1f}")
+    print(f"result: val_acc={100 * best_acc:.2f} chance=25.00 epochs={args.epochs} train_seconds={train_seconds:.1f}")
 
 
 if __name__ == "__main__":

@@ -55,57 +55,50 @@ CIFAR_CLASSES = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", 
 SHAPE_CLASSES = ["disk", "ring", "square", "outline", "triangle", "plus", "bar", "half-disk", "two-dots", "flower"]
 RECORD = 1 + 3 * 32 * 32  # bytes per CIFAR record
 
-# ----------------------------------------------------------------------------- data: shapes
+
+# ----------------------------------------------------------------------------- settings
 
 
-def make_shapes(n, seed):
-    """n images (n, 3, 32, 32) uint8 and labels (n,) int64 of the ten SHAPE_CLASSES, vectorised:
-    every pixel's coordinates are rotated and scaled into each shape's own frame (u, v), where
-    each class is one inequality. One loop over the ten classes, none over images or pixels."""
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.rand(*shape, generator=g)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    radius = 4 + 8 * rand(n, 1, 1)  # shape size in pixels
-    cy, cx = [radius + (32 - 2 * radius) * rand(n, 1, 1) for _ in range(2)]  # keep it on the image
-    angle = 2 * math.pi * rand(n, 1, 1)
-    y = torch.arange(32.0).view(1, 32, 1) - cy  # (n, 32, 1)
-    x = torch.arange(32.0).view(1, 1, 32) - cx  # (n, 1, 32)
-    u = (x * angle.cos() + y * angle.sin()) / radius  # (n, 32, 32) in units of the radius
-    v = (-x * angle.sin() + y * angle.cos()) / radius
-    shapes = [  # each class is one inequality in the shape's frame (u, v), radius r, angle phi
-        lambda u, v, r, phi, box: r < 1,  # disk
-        lambda u, v, r, phi, box: (r < 1) & (r > 0.6),  # ring
-        lambda u, v, r, phi, box: box < 0.8,  # square
-        lambda u, v, r, phi, box: (box < 0.85) & (box > 0.55),  # square outline
-        lambda u, v, r, phi, box: (v > -0.5) & (v < 1 - math.sqrt(3) * u.abs()),  # equilateral triangle
-        lambda u, v, r, phi, box: ((u.abs() < 0.28) | (v.abs() < 0.28)) & (box < 1),  # plus
-        lambda u, v, r, phi, box: (u.abs() < 1) & (v.abs() < 0.3),  # bar
-        lambda u, v, r, phi, box: (r < 1) & (v > 0),  # half-disk
-        lambda u, v, r, phi, box: ((u - 0.55) ** 2 + v**2 < 0.16) | ((u + 0.55) ** 2 + v**2 < 0.16),  # two dots
-        lambda u, v, r, phi, box: r < 0.55 + 0.45 * torch.cos(5 * phi),  # five-petal flower
-    ]
-    mask = torch.zeros(n, 32, 32, dtype=torch.bool)
-    for k, inside in enumerate(shapes):  # only the images of class k are drawn as shape k
-        sel = labels == k
-        uk, vk = u[sel], v[sel]
-        mask[sel] = inside(uk, vk, (uk**2 + vk**2).sqrt(), torch.atan2(vk, uk), torch.maximum(uk.abs(), vk.abs()))
-    # Background: a colour gradient plus clutter (five random rectangles), then the shape in
-    # a colour at least some distance from the background's, then pixel noise.
-    ramp = torch.linspace(0, 1, 32)
-    bg = rand(n, 3, 1, 1) * 0.7 + 0.3 * rand(n, 3, 1, 1) * ramp.view(1, 1, 1, 32)
-    images = bg.expand(n, 3, 32, 32).clone()
-    for _ in range(5):
-        y0, x0 = (rand(n, 1, 1) * 28).long(), (rand(n, 1, 1) * 28).long()
-        h, w = 1 + (rand(n, 1, 1) * 6).long(), 1 + (rand(n, 1, 1) * 6).long()
-        iy, ix = torch.arange(32).view(1, 32, 1), torch.arange(32).view(1, 1, 32)
-        clutter = ((iy >= y0) & (iy < y0 + h) & (ix >= x0) & (ix < x0 + w)).unsqueeze(1)  # (n, 1, 32, 32)
-        images = torch.where(clutter, rand(n, 3, 1, 1), images)
-    colour = (bg.mean((2, 3), keepdim=True) + 0.3 + 0.4 * rand(n, 3, 1, 1)) % 1.0
-    images = torch.where(mask.unsqueeze(1), colour, images) + 0.1 * torch.randn(n, 3, 32, 32, generator=g)
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
+# One recipe per network; a flag given on the command line overrides its key. LeNet: the tutorial's
+# (plain SGD with momentum, no augmentation, inputs scaled to [-1, 1]); ResNet and AirNet: speedrun
+# recipes. airbench's own hyperparameters are stated per 1024 examples for a summed loss; here the
+# loss is a mean at batch 256, so its lr of 11.5 at momentum 0.85 becomes
+# 11.5 * 256 / (1024 * (1 + 1 / 0.15)) = 0.375, and its weight decay 0.0153 per unit of lr.
+RECIPES = {
+    "airbench": dict(
+        width=64,  # channels of the first conv group; the next two have twice as many (airbench93: 64/128/128)
+        epochs=4,  # passes over the training images
+        batch_size=256,  # images per step (airbench: 1024; smaller batches fit a CPU's caches)
+        lr=0.375,  # peak learning rate of the triangle schedule
+        momentum=0.85,  # Nesterov momentum
+        weight_decay=0.0153 / 11.5,  # per step, decoupled from the lr as in airbench
+        bias_lr=64,  # BN shifts learn 64x faster; their weight decay is divided by as much
+        label_smoothing=0.2,  # aim for 0.8 on the true class (Szegedy et al. 2016)
+        pad=2,  # random translation by up to 2 pixels
+        flip="alternate",  # every other epoch flips all images (airbench), instead of coin flips
+        schedule="triangle",  # lr from 0.2x up to 1x at 23% of training, then down to 0.07x
+        lookahead=True,  # slow weights averaged every 5 x 1024 images (Zhang et al. 2019)
+        tta=2,  # test-time augmentation: mirror and one-pixel shifts
+        early_crop=24,  # 24x24 crops for the first 40% of training, whole 32x32 images after
+    ),
+    "resnet": dict(width=16, epochs=5, batch_size=256, lr=0.2, momentum=0.9, weight_decay=5e-4, bias_lr=1,
+                   label_smoothing=0.2, pad=4, flip="random", schedule="one-cycle", lookahead=False, tta=0,
+                   early_crop=32),
+    "lenet": dict(width=0, epochs=2, batch_size=4, lr=0.001, momentum=0.9, weight_decay=0.0, bias_lr=1,
+                  label_smoothing=0.0, pad=0, flip="none", schedule="constant", lookahead=False, tta=0,
+                  early_crop=32),
+}
 
 
-# ----------------------------------------------------------------------------- data: CIFAR-10
+EARLY_UNTIL = 0.4  # the fraction of training that uses the early (smaller) crops
+
+
+CPU_BF16 = True  # --amp auto uses bf16 on CPUs with native bf16: convolutions gain from it (common.choose_precision)
+
+
+def recipe_defaults(key):
+    """"airbench 0.375, resnet 0.2, lenet 0.001": a flag's defaults for its help text, from RECIPES."""
+    return ", ".join(f"{name} {recipe[key]}" for name, recipe in RECIPES.items())
 
 
 def fail(message):
@@ -113,84 +106,7 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
-def md5sum(path):
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def extract_cifar(tarball, dest):
-    """Verify the MD5, then copy out only the known member names: nothing in the archive
-    chooses where a file is written, so a crafted archive cannot escape `dest` (path traversal)."""
-    if md5sum(tarball) != CIFAR_MD5:
-        fail(f"{tarball} has the wrong MD5 (expected {CIFAR_MD5}): delete it and download again")
-    folder = dest / CIFAR_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        with tarfile.open(tarball, "r:gz") as tar:
-            for name in CIFAR_FILES + ["batches.meta.txt"]:
-                member = tar.getmember(f"{CIFAR_FOLDER}/{name}")
-                if not member.isfile():
-                    fail(f"{tarball}: {member.name} is not a regular file")
-                tmp = folder / (name + ".part")
-                tmp.write_bytes(tar.extractfile(member).read())
-                os.replace(tmp, folder / name)
-    except (tarfile.TarError, KeyError, EOFError, OSError) as e:
-        fail(f"{tarball} is not a complete CIFAR-10 binary archive ({e})")
-    return folder
-
-
-def find_cifar(data_dir, explicit):
-    """Return the cifar-10-batches-bin folder, extracting or downloading only what is missing."""
-    data_dir = Path(data_dir)
-    if explicit and not data_dir.exists():
-        fail(f"--data-dir {data_dir} does not exist: give a {CIFAR_FOLDER}/ folder, its parent, or cifar-10-binary.tar.gz")
-    if data_dir.is_file():  # the tarball itself
-        return extract_cifar(data_dir, data_dir.parent)
-    for folder in (data_dir, data_dir / CIFAR_FOLDER):
-        if (folder / CIFAR_FILES[0]).is_file():
-            return folder
-    tarball = data_dir / "cifar-10-binary.tar.gz"
-    if not tarball.is_file():
-        if explicit:
-            fail(f"--data-dir {data_dir} holds neither {CIFAR_FOLDER}/ nor cifar-10-binary.tar.gz")
-        print(f"downloading {CIFAR_URL} (163 MB) to {tarball}")
-        data_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            urllib.request.urlretrieve(CIFAR_URL, tarball.with_suffix(".part"))
-        except OSError as e:
-            fail(f"could not download CIFAR-10 ({e}); offline? fetch {CIFAR_URL} elsewhere and pass it with --data-dir")
-        os.replace(tarball.with_suffix(".part"), tarball)
-    return extract_cifar(tarball, data_dir)
-
-
-def read_cifar_file(path):
-    """Records of 1 label byte + 3072 pixel bytes (R, G, B planes of 32x32, row-major)."""
-    if not path.is_file():
-        fail(f"{path} is missing: the CIFAR-10 folder is incomplete")
-    raw = np.fromfile(path, dtype=np.uint8)
-    if raw.size == 0 or raw.size % RECORD:
-        fail(f"{path} is truncated or not a CIFAR-10 binary file ({raw.size} bytes is not a multiple of {RECORD})")
-    records = raw.reshape(-1, RECORD)
-    labels = records[:, 0].astype(np.int64)
-    if labels.max() > 9:
-        fail(f"{path} is corrupt: label byte {labels.max()} is not a class 0-9")
-    return torch.from_numpy(records[:, 1:].reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
-
-
-def load_data(args):
-    """Returns (train_x, train_y, test_x, test_y, classes) with images uint8 (N, 3, 32, 32)."""
-    if args.data == "shapes":
-        return (*make_shapes(args.train_size, args.seed), *make_shapes(args.test_size, args.seed + 1), SHAPE_CLASSES)
-    folder = find_cifar(args.data_dir or Path(__file__).parent / "data", explicit=args.data_dir is not None)
-    parts = [read_cifar_file(folder / name) for name in CIFAR_FILES]
-    train_x, train_y = torch.cat([p[0] for p in parts[:5]]), torch.cat([p[1] for p in parts[:5]])
-    return train_x, train_y, *parts[5], CIFAR_CLASSES
-
-
-# ----------------------------------------------------------------------------- models
+# ----------------------------------------------------------------------------- model
 
 
 class LeNet(nn.Module):
@@ -321,7 +237,84 @@ def build_model(name, width):
     fail(f"unknown --model {name}: choose airbench, resnet or lenet")
 
 
-# ----------------------------------------------------------------------------- training helpers
+# ----------------------------------------------------------------------------- data: CIFAR-10, and batches on the device
+
+
+def md5sum(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def extract_cifar(tarball, dest):
+    """Verify the MD5, then copy out only the known member names: nothing in the archive
+    chooses where a file is written, so a crafted archive cannot escape `dest` (path traversal)."""
+    if md5sum(tarball) != CIFAR_MD5:
+        fail(f"{tarball} has the wrong MD5 (expected {CIFAR_MD5}): delete it and download again")
+    folder = dest / CIFAR_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(tarball, "r:gz") as tar:
+            for name in CIFAR_FILES + ["batches.meta.txt"]:
+                member = tar.getmember(f"{CIFAR_FOLDER}/{name}")
+                if not member.isfile():
+                    fail(f"{tarball}: {member.name} is not a regular file")
+                tmp = folder / (name + ".part")
+                tmp.write_bytes(tar.extractfile(member).read())
+                os.replace(tmp, folder / name)
+    except (tarfile.TarError, KeyError, EOFError, OSError) as e:
+        fail(f"{tarball} is not a complete CIFAR-10 binary archive ({e})")
+    return folder
+
+
+def find_cifar(data_dir, explicit):
+    """Return the cifar-10-batches-bin folder, extracting or downloading only what is missing."""
+    data_dir = Path(data_dir)
+    if explicit and not data_dir.exists():
+        fail(f"--data-dir {data_dir} does not exist: give a {CIFAR_FOLDER}/ folder, its parent, or cifar-10-binary.tar.gz")
+    if data_dir.is_file():  # the tarball itself
+        return extract_cifar(data_dir, data_dir.parent)
+    for folder in (data_dir, data_dir / CIFAR_FOLDER):
+        if (folder / CIFAR_FILES[0]).is_file():
+            return folder
+    tarball = data_dir / "cifar-10-binary.tar.gz"
+    if not tarball.is_file():
+        if explicit:
+            fail(f"--data-dir {data_dir} holds neither {CIFAR_FOLDER}/ nor cifar-10-binary.tar.gz")
+        print(f"downloading {CIFAR_URL} (163 MB) to {tarball}")
+        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            urllib.request.urlretrieve(CIFAR_URL, tarball.with_suffix(".part"))
+        except OSError as e:
+            fail(f"could not download CIFAR-10 ({e}); offline? fetch {CIFAR_URL} elsewhere and pass it with --data-dir")
+        os.replace(tarball.with_suffix(".part"), tarball)
+    return extract_cifar(tarball, data_dir)
+
+
+def read_cifar_file(path):
+    """Records of 1 label byte + 3072 pixel bytes (R, G, B planes of 32x32, row-major)."""
+    if not path.is_file():
+        fail(f"{path} is missing: the CIFAR-10 folder is incomplete")
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % RECORD:
+        fail(f"{path} is truncated or not a CIFAR-10 binary file ({raw.size} bytes is not a multiple of {RECORD})")
+    records = raw.reshape(-1, RECORD)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() > 9:
+        fail(f"{path} is corrupt: label byte {labels.max()} is not a class 0-9")
+    return torch.from_numpy(records[:, 1:].reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
+
+
+def load_data(args):
+    """Returns (train_x, train_y, test_x, test_y, classes) with images uint8 (N, 3, 32, 32)."""
+    if args.data == "shapes":
+        return (*make_shapes(args.train_size, args.seed), *make_shapes(args.test_size, args.seed + 1), SHAPE_CLASSES)
+    folder = find_cifar(args.data_dir or Path(__file__).parent / "data", explicit=args.data_dir is not None)
+    parts = [read_cifar_file(folder / name) for name in CIFAR_FILES]
+    train_x, train_y = torch.cat([p[0] for p in parts[:5]]), torch.cat([p[1] for p in parts[:5]])
+    return train_x, train_y, *parts[5], CIFAR_CLASSES
 
 
 def augment(x, pad, flip, size=32):
@@ -339,6 +332,41 @@ def augment(x, pad, flip, size=32):
     return xp.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, C, size, size)
 
 
+class DeviceLoader:
+    """The training set on the device as uint8 (N, 3, 32, 32), cut into batches and augmented
+    there with tensor ops: no DataLoader, no worker processes, no copy per batch."""
+
+    def __init__(self, images, labels, mean, std, batch_size, recipe, seed, rank=0, world=1):
+        self.images, self.labels, self.mean, self.std = images, labels, mean, std
+        self.batch_size, self.local_batch, self.rank = batch_size, batch_size // world, rank
+        self.pad, self.flip, self.seed = recipe["pad"], recipe["flip"], seed
+        self.steps_per_epoch = len(labels) // batch_size
+        # airbench's alternating flip: each image gets a random side once; then every other epoch
+        # flips them all, so over two epochs every image is seen both ways (not left to chance).
+        side = torch.Generator().manual_seed(seed + 7)
+        self.base_flip = torch.rand(len(labels), generator=side).lt(0.5).to(images.device)
+
+    def order(self, epoch):
+        """A new shuffle every epoch, the same in every process (same seed)."""
+        return torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+
+    def batch(self, order, i, epoch, crop):
+        """Batch i of the epoch: this process's share, augmented, normalised, channels last."""
+        idx = order[i * self.batch_size + self.rank * self.local_batch:][:self.local_batch]
+        x = self.images[idx].float().div_(255)
+        if self.pad:  # random translation + flip: the same image never looks quite the same twice
+            if self.flip == "alternate":
+                flip = self.base_flip[idx] ^ bool(epoch % 2)
+            else:
+                flip = torch.rand(len(idx), device=x.device) < 0.5
+            x = augment(x, self.pad, flip, crop)
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        return x, self.labels[idx]
+
+
+# ----------------------------------------------------------------------------- training
+
+
 def train_step(model, optimizer, scaler, x, y, label_smoothing, amp_dtype):
     """One update on a batch x (B, 3, H, W) normalised, y (B,) labels. Returns the loss, left on the
     device (reading it would make the CPU wait for the GPU)."""
@@ -351,6 +379,97 @@ def train_step(model, optimizer, scaler, x, y, label_smoothing, amp_dtype):
     scaler.step(optimizer)  # backward() and step()
     scaler.update()
     return loss.detach()
+
+
+def train_epoch(model, optimizer, scaler, loader, epoch, step, progress, recipe, amp_dtype, lookahead=None):
+    """One pass over the training set; `progress(step)` says how far training is, from 0 to 1
+    (of the steps, or of the seconds with --time-limit), and the run stops at 1. Returns the
+    step reached, the steps taken, and the summed loss, left on the device."""
+    model.train()
+    order = loader.order(epoch).to(loader.images.device)
+    loss_sum, n_steps = torch.zeros((), device=loader.images.device), 0
+    for i in range(loader.steps_per_epoch):
+        p = progress(step)
+        if p >= 1:
+            break
+        # Progressive image size (fast.ai's DAWNBench runs resized; Krizhevsky 2012 cropped
+        # CIFAR to 24x24): smaller random crops at first cost about half as much per image.
+        x, y = loader.batch(order, i, epoch, recipe["early_crop"] if p < EARLY_UNTIL else 32)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_factor(recipe["schedule"], p)
+        loss_sum += train_step(model, optimizer, scaler, x, y, recipe["label_smoothing"], amp_dtype)
+        step, n_steps = step + 1, n_steps + 1
+        if lookahead and step % lookahead.every == 0:
+            lookahead.update(rho=0.95 ** 5 * p ** 3)  # airbench's schedule: the slow copy slows as p -> 1
+    return step, n_steps, loss_sum
+
+
+def lr_factor(schedule, p):
+    """The learning rate's multiplier at progress p (0 at the start, 1 at the end of training)."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "one-cycle":  # Smith 2018: linear warm-up over 20% of training, then linear decay to 0
+        return p / 0.2 if p < 0.2 else (1 - p) / 0.8
+    # airbench's triangle: from 0.2 up to 1 at 23% of training, then down to 0.07
+    return 0.2 + 0.8 * p / 0.23 if p < 0.23 else 1 - 0.93 * (p - 0.23) / 0.77
+
+
+class Lookahead:
+    """Lookahead (Zhang et al. 2019) as airbench does it: every `every` steps the slow copy moves
+    toward the fast weights by 1 - rho, and the fast weights restart from it. rho grows with
+    progress^3, so the slow copy follows ever more slowly as training ends, averaging the noise
+    out. Only the slow copy is evaluated and saved; the fast weights are left to training."""
+
+    def __init__(self, net, every):
+        self.net, self.every = net, every
+        self.slow = {k: v.detach().clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, rho):
+        for k, v in self.net.state_dict().items():  # weights and BN statistics
+            if k in self.slow:
+                self.slow[k].lerp_(v, 1 - rho)
+                v.copy_(self.slow[k])
+
+    def averaged(self):
+        """A state dict of the net with the slow copy's values: what is validated and saved."""
+        return {k: self.slow[k].clone() if k in self.slow else v.clone() for k, v in self.net.state_dict().items()}
+
+
+def plan_time_limit(budget, t_step, early_crop, steps_per_epoch, recipe):
+    """The plan of a --time-limit run, from the measured seconds per step of the first steps."""
+    # whole images cost about (31 / (crop - 1))^2 as much: the pixels after the 2x2 whitening
+    slower = (31 / (early_crop - 1)) ** 2
+    steps = budget * (EARLY_UNTIL / t_step + (1 - EARLY_UNTIL) / (t_step * slower))
+    return (f"plan: {budget:.0f} s at {t_step:.3f} s/step -> about {steps:.0f} steps ({steps / steps_per_epoch:.1f} epochs)"
+            + (f"; {early_crop}x{early_crop} crops until {EARLY_UNTIL * budget:.0f} s, then whole images at about "
+               f"{t_step * slower:.3f} s/step" if slower > 1 else "")
+            + f"; learning rate {recipe['schedule']}" + "; lookahead" * recipe["lookahead"])
+
+
+def save_checkpoint(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device):
+    """A classifier checkpoint, or one clear line saying what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"no checkpoint at {path}: run python classifier/train.py first")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "classifier":
+        fail(f"{path} is not a classifier checkpoint (it was written by another script): train one with python classifier/train.py")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- evaluation
 
 
 def tta_logits(model, x, level):
@@ -393,108 +512,54 @@ def print_evaluation(cm, classes):
         print(f"{name:<10}" + "".join(f"{int(v):6d}" for v in cm[k]))
 
 
-def save_checkpoint(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+# ----------------------------------------------------------------------------- built-in data: ten shapes on clutter
 
 
-def load_checkpoint(path, device):
-    """A classifier checkpoint, or one clear line saying what is wrong with the file."""
-    path = Path(path)
-    if not path.is_file():
-        fail(f"no checkpoint at {path}: run python classifier/train.py first")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        fail(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "classifier":
-        fail(f"{path} is not a classifier checkpoint (it was written by another script): train one with python classifier/train.py")
-    return ckpt
-
-
-# ----------------------------------------------------------------------------- settings
-
-# One recipe per network; a flag given on the command line overrides its key. LeNet: the tutorial's
-# (plain SGD with momentum, no augmentation, inputs scaled to [-1, 1]); ResNet and AirNet: speedrun
-# recipes. airbench's own hyperparameters are stated per 1024 examples for a summed loss; here the
-# loss is a mean at batch 256, so its lr of 11.5 at momentum 0.85 becomes
-# 11.5 * 256 / (1024 * (1 + 1 / 0.15)) = 0.375, and its weight decay 0.0153 per unit of lr.
-RECIPES = {
-    "airbench": dict(
-        width=64,  # channels of the first conv group; the next two have twice as many (airbench93: 64/128/128)
-        epochs=4,  # passes over the training images
-        batch_size=256,  # images per step (airbench: 1024; smaller batches fit a CPU's caches)
-        lr=0.375,  # peak learning rate of the triangle schedule
-        momentum=0.85,  # Nesterov momentum
-        weight_decay=0.0153 / 11.5,  # per step, decoupled from the lr as in airbench
-        bias_lr=64,  # BN shifts learn 64x faster; their weight decay is divided by as much
-        label_smoothing=0.2,  # aim for 0.8 on the true class (Szegedy et al. 2016)
-        pad=2,  # random translation by up to 2 pixels
-        flip="alternate",  # every other epoch flips all images (airbench), instead of coin flips
-        schedule="triangle",  # lr from 0.2x up to 1x at 23% of training, then down to 0.07x
-        lookahead=True,  # slow weights averaged every 5 x 1024 images (Zhang et al. 2019)
-        tta=2,  # test-time augmentation: mirror and one-pixel shifts
-        early_crop=24,  # 24x24 crops for the first 40% of training, whole 32x32 images after
-    ),
-    "resnet": dict(width=16, epochs=5, batch_size=256, lr=0.2, momentum=0.9, weight_decay=5e-4, bias_lr=1,
-                   label_smoothing=0.2, pad=4, flip="random", schedule="one-cycle", lookahead=False, tta=0,
-                   early_crop=32),
-    "lenet": dict(width=0, epochs=2, batch_size=4, lr=0.001, momentum=0.9, weight_decay=0.0, bias_lr=1,
-                  label_smoothing=0.0, pad=0, flip="none", schedule="constant", lookahead=False, tta=0,
-                  early_crop=32),
-}
-EARLY_UNTIL = 0.4  # the fraction of training that uses the early (smaller) crops
-CPU_BF16 = True  # --amp auto uses bf16 on CPUs with native bf16: convolutions gain from it (common.choose_precision)
-
-
-def recipe_defaults(key):
-    """"airbench 0.375, resnet 0.2, lenet 0.001": a flag's defaults for its help text, from RECIPES."""
-    return ", ".join(f"{name} {recipe[key]}" for name, recipe in RECIPES.items())
-
-
-def lr_factor(schedule, p):
-    """The learning rate's multiplier at progress p (0 at the start, 1 at the end of training)."""
-    if schedule == "constant":
-        return 1.0
-    if schedule == "one-cycle":  # Smith 2018: linear warm-up over 20% of training, then linear decay to 0
-        return p / 0.2 if p < 0.2 else (1 - p) / 0.8
-    # airbench's triangle: from 0.2 up to 1 at 23% of training, then down to 0.07
-    return 0.2 + 0.8 * p / 0.23 if p < 0.23 else 1 - 0.93 * (p - 0.23) / 0.77
-
-
-class Lookahead:
-    """Lookahead (Zhang et al. 2019) as airbench does it: every few steps the slow copy moves toward
-    the fast weights by 1 - rho, and the fast weights restart from it. rho grows with progress^3,
-    so the slow copy follows ever more slowly as training ends, averaging the noise out. Only the
-    slow copy is evaluated and saved; the fast weights are left to training."""
-
-    def __init__(self, net):
-        self.slow = {k: v.detach().clone() for k, v in net.state_dict().items() if v.is_floating_point()}
-
-    @torch.no_grad()
-    def update(self, net, rho):
-        for k, v in net.state_dict().items():  # weights and BN statistics
-            if k in self.slow:
-                self.slow[k].lerp_(v, 1 - rho)
-                v.copy_(self.slow[k])
-
-    def averaged(self, net):
-        """A state dict of net with the slow copy's values: what is validated and saved."""
-        return {k: self.slow[k].clone() if k in self.slow else v.clone() for k, v in net.state_dict().items()}
-
-
-def plan_time_limit(budget, t_step, early_crop, steps_per_epoch, recipe):
-    """The plan of a --time-limit run, from the measured seconds per step of the first steps."""
-    # whole images cost about (31 / (crop - 1))^2 as much: the pixels after the 2x2 whitening
-    slower = (31 / (early_crop - 1)) ** 2
-    steps = budget * (EARLY_UNTIL / t_step + (1 - EARLY_UNTIL) / (t_step * slower))
-    return (f"plan: {budget:.0f} s at {t_step:.3f} s/step -> about {steps:.0f} steps ({steps / steps_per_epoch:.1f} epochs)"
-            + (f"; {early_crop}x{early_crop} crops until {EARLY_UNTIL * budget:.0f} s, then whole images at about "
-               f"{t_step * slower:.3f} s/step" if slower > 1 else "")
-            + f"; learning rate {recipe['schedule']}" + "; lookahead" * recipe["lookahead"])
+def make_shapes(n, seed):
+    """n images (n, 3, 32, 32) uint8 and labels (n,) int64 of the ten SHAPE_CLASSES, vectorised:
+    every pixel's coordinates are rotated and scaled into each shape's own frame (u, v), where
+    each class is one inequality. One loop over the ten classes, none over images or pixels."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    radius = 4 + 8 * rand(n, 1, 1)  # shape size in pixels
+    cy, cx = [radius + (32 - 2 * radius) * rand(n, 1, 1) for _ in range(2)]  # keep it on the image
+    angle = 2 * math.pi * rand(n, 1, 1)
+    y = torch.arange(32.0).view(1, 32, 1) - cy  # (n, 32, 1)
+    x = torch.arange(32.0).view(1, 1, 32) - cx  # (n, 1, 32)
+    u = (x * angle.cos() + y * angle.sin()) / radius  # (n, 32, 32) in units of the radius
+    v = (-x * angle.sin() + y * angle.cos()) / radius
+    shapes = [  # each class is one inequality in the shape's frame (u, v), radius r, angle phi
+        lambda u, v, r, phi, box: r < 1,  # disk
+        lambda u, v, r, phi, box: (r < 1) & (r > 0.6),  # ring
+        lambda u, v, r, phi, box: box < 0.8,  # square
+        lambda u, v, r, phi, box: (box < 0.85) & (box > 0.55),  # square outline
+        lambda u, v, r, phi, box: (v > -0.5) & (v < 1 - math.sqrt(3) * u.abs()),  # equilateral triangle
+        lambda u, v, r, phi, box: ((u.abs() < 0.28) | (v.abs() < 0.28)) & (box < 1),  # plus
+        lambda u, v, r, phi, box: (u.abs() < 1) & (v.abs() < 0.3),  # bar
+        lambda u, v, r, phi, box: (r < 1) & (v > 0),  # half-disk
+        lambda u, v, r, phi, box: ((u - 0.55) ** 2 + v**2 < 0.16) | ((u + 0.55) ** 2 + v**2 < 0.16),  # two dots
+        lambda u, v, r, phi, box: r < 0.55 + 0.45 * torch.cos(5 * phi),  # five-petal flower
+    ]
+    mask = torch.zeros(n, 32, 32, dtype=torch.bool)
+    for k, inside in enumerate(shapes):  # only the images of class k are drawn as shape k
+        sel = labels == k
+        uk, vk = u[sel], v[sel]
+        mask[sel] = inside(uk, vk, (uk**2 + vk**2).sqrt(), torch.atan2(vk, uk), torch.maximum(uk.abs(), vk.abs()))
+    # Background: a colour gradient plus clutter (five random rectangles), then the shape in
+    # a colour at least some distance from the background's, then pixel noise.
+    ramp = torch.linspace(0, 1, 32)
+    bg = rand(n, 3, 1, 1) * 0.7 + 0.3 * rand(n, 3, 1, 1) * ramp.view(1, 1, 1, 32)
+    images = bg.expand(n, 3, 32, 32).clone()
+    for _ in range(5):
+        y0, x0 = (rand(n, 1, 1) * 28).long(), (rand(n, 1, 1) * 28).long()
+        h, w = 1 + (rand(n, 1, 1) * 6).long(), 1 + (rand(n, 1, 1) * 6).long()
+        iy, ix = torch.arange(32).view(1, 32, 1), torch.arange(32).view(1, 1, 32)
+        clutter = ((iy >= y0) & (iy < y0 + h) & (ix >= x0) & (ix < x0 + w)).unsqueeze(1)  # (n, 1, 32, 32)
+        images = torch.where(clutter, rand(n, 3, 1, 1), images)
+    colour = (bg.mean((2, 3), keepdim=True) + 0.3 + 0.4 * rand(n, 3, 1, 1)) % 1.0
+    images = torch.where(mask.unsqueeze(1), colour, images) + 0.1 * torch.randn(n, 3, 32, 32, generator=g)
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
 # ----------------------------------------------------------------------------- main
@@ -522,8 +587,11 @@ def main():
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
+    parser.add_argument("--dry-run", action="store_true", help="two steps, one evaluation, a checkpoint: checks that every line runs, in seconds")
     parser.error = lambda message: fail(f"{message} (see --help)")  # one line, not argparse's usage block
     args = parser.parse_args()
+    if args.dry_run:  # pytorch/examples' --dry-run: the whole script once, on the least data
+        args.epochs, args.time_limit, args.train_size, args.val_size, args.test_size = 1, None, 1000, 250, 500
     recipe = dict(RECIPES[args.model])
     for key in ("width", "epochs", "batch_size", "lr", "tta", "early_crop"):  # a flag overrides the recipe
         if getattr(args, key) is not None:
@@ -566,10 +634,10 @@ def main():
         mean, std = (train_x.float() / 255).mean((0, 2, 3)), (train_x.float() / 255).std((0, 2, 3))
     mean, std = mean.view(1, 3, 1, 1).to(device), std.view(1, 3, 1, 1).to(device)
     train_x, train_y = train_x.to(device), train_y.to(device)
-    # airbench's alternating flip: each image gets a random side once; then every other epoch
-    # flips them all, so over two epochs every image is seen both ways (not left to chance).
-    base_flip = torch.rand(len(train_y), generator=torch.Generator().manual_seed(args.seed + 7)).lt(0.5).to(device)
     log(f"data: {args.data}, {len(train_y)} train / {len(val_y)} val / {len(test_y)} test images, classes {classes}")
+
+    if args.dry_run:
+        test_x, test_y = test_x[:args.test_size], test_y[:args.test_size]
 
     # ---- model and optimizer
     model_args = dict(name=args.model, width=args.width)
@@ -593,20 +661,25 @@ def main():
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]  # the peak, which the schedule scales (PyTorch's schedulers use this key too)
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see choose_precision
-    local_batch = args.batch_size // world
     steps_per_epoch = len(train_y) // args.batch_size
     if steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size} is larger than the {len(train_y)} training images")
     budget = args.time_limit
-    total_steps = None if budget else args.epochs * steps_per_epoch
-    lookahead = Lookahead(net) if recipe["lookahead"] else None
-    lookahead_every = max(1, 5 * 1024 // args.batch_size)  # airbench: every 5 steps of 1024 images
+    total_steps = None if budget else 2 if args.dry_run else args.epochs * steps_per_epoch
+    # airbench averages every 5 steps of 1024 images: here every 5 x 1024 images
+    lookahead = Lookahead(net, every=max(1, 5 * 1024 // args.batch_size)) if recipe["lookahead"] else None
+    loader = DeviceLoader(train_x, train_y, mean, std, args.batch_size, recipe, args.seed, rank, world)
 
     def progress(step):
         """0 at the start of training, 1 at its end: of the steps, or with --time-limit of the
         seconds, so that warm-up, decay and averaging are laid over the budget whatever the speed."""
         if not budget:
             return step / total_steps
+        if step in (3, 8):  # the plan, from the speed of steps 3-7 (the first pay for setup)
+            synchronize(device)  # a GPU's clock reading needs its queue emptied (twice per run)
+            clock[step] = time.time()
+            if step == 8:
+                log(plan_time_limit(budget, (clock[8] - clock[3]) / 5, args.early_crop, steps_per_epoch, recipe))
         p = (time.time() - start) / budget
         if distributed:  # rank 0's clock for all, so all processes stop at the same step
             p = torch.tensor([p], device=device)
@@ -633,7 +706,7 @@ def main():
     eval_net = copy.deepcopy(net)  # validates the slow (averaged) weights while the fast ones train on
 
     # ---- training
-    start, seen, step = time.time(), 0, start_epoch * steps_per_epoch
+    start, seen, step, clock = time.time(), 0, start_epoch * steps_per_epoch, {}
     if device.type == "cpu":
         # As the learning rate decays, updates and momentum reach denormal floats (below 1e-38),
         # which x86 CPUs handle in slow microcode; flushing them to zero avoids that.
@@ -641,40 +714,15 @@ def main():
     p = p0 = 0.0 if budget else start_epoch / args.epochs
     epochs = itertools.count(start_epoch) if budget else range(start_epoch, args.epochs)  # a time limit ends by the clock
     for epoch in epochs:
-        model.train()
-        t0, loss_sum, n_steps = time.time(), torch.zeros((), device=device), 0
-        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).to(device)
-        for i in range(steps_per_epoch):
-            p = progress(step)
-            if p >= 1:
-                break
-            if budget and step in (3, 8):  # the plan, from the speed of steps 3-7 (the first pay for setup)
-                synchronize(device)  # a GPU's clock reading needs its queue emptied (twice per run)
-                if step == 3:
-                    t_first = time.time()
-                else:
-                    log(plan_time_limit(budget, (time.time() - t_first) / 5, args.early_crop, steps_per_epoch, recipe))
-            idx = order[i * args.batch_size + rank * local_batch:][:local_batch]  # this process's share
-            x = train_x[idx].float().div_(255)
-            if recipe["pad"]:  # random translation + flip: the same image never looks quite the same twice
-                flip = base_flip[idx] ^ bool(epoch % 2) if recipe["flip"] == "alternate" else torch.rand(len(idx), device=device) < 0.5
-                # Progressive image size (fast.ai's DAWNBench runs resized; Krizhevsky 2012 cropped
-                # CIFAR to 24x24): random crops at first cost about half as much per image.
-                x = augment(x, recipe["pad"], flip, args.early_crop if p < EARLY_UNTIL else 32)
-            x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lr_factor(recipe["schedule"], p)
-            loss = train_step(model, optimizer, scaler, x, train_y[idx], recipe["label_smoothing"], amp_dtype)
-            step, n_steps = step + 1, n_steps + 1
-            if lookahead and step % lookahead_every == 0:
-                lookahead.update(net, rho=0.95 ** 5 * p ** 3)  # airbench's schedule: the slow copy slows as p -> 1
-            loss_sum += loss  # stays on the device: no sync with the host every step
+        t0 = time.time()
+        step, n_steps, loss_sum = train_epoch(model, optimizer, scaler, loader, epoch, step, progress, recipe,
+                                              amp_dtype, lookahead)
         if n_steps == 0:
             break
         synchronize(device)  # once per epoch: the epoch's GPU work is done before the clock is read
         dt = time.time() - t0
         seen += n_steps * args.batch_size
-        eval_net.load_state_dict(lookahead.averaged(net) if lookahead else net.state_dict())
+        eval_net.load_state_dict(lookahead.averaged() if lookahead else net.state_dict())
         val_acc = (predict(eval_net, val_x, mean, std, device, amp_dtype).argmax(1).cpu() == val_y).float().mean().item() if len(val_y) else 0.0
         elapsed = time.time() - start
         p = progress(step)
