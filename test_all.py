@@ -307,6 +307,21 @@ def test_precision_rule_without_a_gpu():
     assert bf16_output("cpu", "bf16-output", False)
 
 
+def test_every_train_script_has_a_dry_run_that_sample_reads():
+    # pytorch/examples' --dry-run: a couple of batches, one evaluation and a checkpoint, in
+    # seconds; each sample.py must work from that checkpoint.
+    samples = {"blitz": ["--out", TMP / "dry_blitz.pt2"], "classifier": ["--n", 1, "--color", "never"],
+               "seq2seq": ["il est grand"], "tonenet": ["--out", TMP / "dry_tonenet.mid"],
+               "umtn": ["--seconds", 0.25, "--to", "organ", "--out", TMP / "dry_umtn.wav"]}
+    for folder, extra in samples.items():
+        ckpt, t0 = TMP / f"dry_{folder}.pt", time.time()
+        out, _ = run(f"{folder}/train.py", "--dry-run", "--out", ckpt)
+        seconds = time.time() - t0
+        assert "result:" in out and ckpt.is_file() and seconds < 60, (folder, seconds)
+        assert re.search(r"^(epoch 1/1|step 2/2) ", out, re.M), (folder, out[-800:])
+        run(f"{folder}/sample.py", "--checkpoint", ckpt, *extra)
+
+
 def test_every_train_script_has_the_one_amp_flag():
     for script in ("blitz/train.py", "classifier/train.py", "seq2seq/train.py", "tonenet/train.py", "umtn/train.py"):
         out, _ = run(script, "--help")
@@ -333,7 +348,7 @@ def test_rnns_run_in_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         velocity = model(roll, torch.tensor([0, 1, 1, 0]))
     assert velocity.shape == (4, 32, 88) and velocity.dtype == torch.float32
-    out, _ = run("tonenet/train.py", "--pieces", 12, "--epochs", 1, "--amp", "bf16", "--device", "cpu", "--out", TMP / "bf16.pt")
+    out, _ = run("tonenet/train.py", "--dry-run", "--amp", "bf16", "--device", "cpu", "--out", TMP / "bf16.pt")
     assert "autocast bfloat16" in out and "result:" in out
 
 
@@ -481,9 +496,10 @@ def test_seq2seq_beam_keeps_the_hidden_state_contiguous():
     assert attention.shape == (len(tokens), 6)
 
 
-def test_seq2seq_written_out_bahdanau_step_matches_nn_gru():
-    # The fast Bahdanau decoder writes the GRU equations out; it must equal attending with the
-    # previous state and calling nn.GRU on [word; context] one step at a time, gradients included.
+def test_seq2seq_fused_bahdanau_step_equals_the_tutorials():
+    # bahdanau_plain is the tutorial's step (attend with the previous state, context vector,
+    # nn.GRU on [word; context]); the fused step writes the GRU equations out. Same numbers,
+    # gradients included, with one and two layers; no attention weight on padding.
     import torch
     s2s = import_script("seq2seq/train.py")
     for layers in (1, 2):
@@ -493,25 +509,23 @@ def test_seq2seq_written_out_bahdanau_step_matches_nn_gru():
         src[1, 2:] = src[2, 4:] = s2s.PAD
         tokens = torch.randint(4, 40, (3, 6))
         enc_out, hidden = model.encoder(src, src_len)
-        memory = model.decoder.memory(enc_out, src_len)
-        fast, fast_h, fast_w = model.decoder(tokens, hidden, memory)
-        dec, x, h, steps, weights = model.decoder, model.decoder.embedding(tokens), hidden, [], []
-        for t in range(tokens.shape[1]):
-            context, w = dec.attention(h[-1].unsqueeze(1), dec.attention.keys(enc_out), enc_out, memory[2])
-            o, h = dec.gru(torch.cat([x[:, t:t + 1], context], -1), h)
-            steps.append(o)
-            weights.append(w)
-        slow = torch.cat(steps, 1)
-        assert torch.allclose(fast, slow, atol=1e-5) and torch.allclose(fast_h, h, atol=1e-5)
-        assert torch.allclose(fast_w, torch.cat(weights, 1), atol=1e-6) and fast_w[1, :, 2:].abs().max() == 0  # no weight on padding
-        grads = [torch.autograd.grad(y.square().sum(), list(dec.gru.parameters()), retain_graph=True) for y in (fast, slow)]
+        memory, dec = model.decoder.memory(enc_out, src_len), model.decoder
+        outputs = {}
+        for fused in (True, False):
+            dec.fused = fused
+            outputs[fused] = dec(tokens, hidden, memory)
+        (fast, fast_h, fast_w), (slow, slow_h, slow_w) = outputs[True], outputs[False]
+        assert torch.allclose(fast, slow, atol=1e-5) and torch.allclose(fast_h, slow_h, atol=1e-5)
+        assert torch.allclose(fast_w, slow_w, atol=1e-6) and fast_w[1, :, 2:].abs().max() == 0
+        params = list(dec.gru.parameters()) + list(dec.attention.parameters())
+        grads = [torch.autograd.grad(y.square().sum(), params, retain_graph=True) for y in (fast, slow)]
         assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*grads))
 
 
 def test_seq2seq_other_attentions_and_free_running_train():
     for extra in (["--attention", "bahdanau", "--teacher-forcing", "0.5", "--no-bidirectional"],
                   ["--attention", "concat", "--layers", "2", "--reverse-source", "--beam", "3"]):
-        out, _ = run("seq2seq/train.py", "--pairs", 600, "--epochs", 1, "--hidden", 32, "--out", TMP / "other.pt", *extra)
+        out, _ = run("seq2seq/train.py", "--dry-run", "--hidden", 32, "--out", TMP / "other.pt", *extra)
         assert "result:" in out
 
 
@@ -639,7 +653,7 @@ def test_tonenet_learns_builtin_styles():
 
 
 def test_tonenet_stylenet_baseline_runs():
-    out, _ = run("tonenet/train.py", "--model", "stylenet", "--pieces", 12, "--epochs", 1, "--out", TMP / "stylenet.pt")
+    out, _ = run("tonenet/train.py", "--model", "stylenet", "--dry-run", "--out", TMP / "stylenet.pt")
     assert "model: stylenet" in out and "result: model=stylenet" in out
 
 
@@ -1045,9 +1059,9 @@ def train_and_sample_everything(device, amp, tag):
     outs["classifier"], _ = run("classifier/train.py", "--train-size", 8000, "--test-size", 500, "--val-size", 200, "--epochs", 4,
                                 "--width", 16, *d, "--out", ck("classifier"))
     run("classifier/sample.py", "--checkpoint", ck("classifier"), "--n", 1, "--color", "never", "--device", device)
-    outs["seq2seq"], _ = run("seq2seq/train.py", "--pairs", 1500, "--epochs", 2, "--hidden", 64, *d, "--out", ck("seq2seq"))
+    outs["seq2seq"], _ = run("seq2seq/train.py", "--dry-run", *d, "--out", ck("seq2seq"))
     run("seq2seq/sample.py", "--checkpoint", ck("seq2seq"), "--device", device, "--beam", 3, "il est grand")
-    outs["tonenet"], _ = run("tonenet/train.py", "--pieces", 16, "--epochs", 2, *d, "--out", ck("tonenet"))
+    outs["tonenet"], _ = run("tonenet/train.py", "--dry-run", *d, "--out", ck("tonenet"))
     run("tonenet/sample.py", "--checkpoint", ck("tonenet"), "--device", device, "--out", TMP / f"{tag}_tonenet.mid")
     outs["umtn"], _ = run("umtn/train.py", *UMTN_SMALL, "--steps", 40, *d, "--out", ck("umtn"))
     run("umtn/sample.py", "--checkpoint", ck("umtn"), "--device", device, "--seconds", 0.5, "--to", "organ",

@@ -136,7 +136,7 @@ def evaluate(model, loader, device):
     return loss_sum / count, correct / count
 
 
-# ----------------------------------------------------------------------------- built-in data: four shapes in noise
+# ------------------------------------------------------------------------ built-in data: four shapes in noise
 
 
 def make_shapes(n, seed, size=IMAGE_SIZE):

@@ -237,7 +237,7 @@ def build_model(name, width):
     fail(f"unknown --model {name}: choose airbench, resnet or lenet")
 
 
-# ----------------------------------------------------------------------------- data: CIFAR-10, and batches on the device
+# ------------------------------------------------------------------ data: CIFAR-10, and batches on the device
 
 
 def md5sum(path):
@@ -512,7 +512,7 @@ def print_evaluation(cm, classes):
         print(f"{name:<10}" + "".join(f"{int(v):6d}" for v in cm[k]))
 
 
-# ----------------------------------------------------------------------------- built-in data: ten shapes on clutter
+# ----------------------------------------------------------------------- built-in data: ten shapes on clutter
 
 
 def make_shapes(n, seed):

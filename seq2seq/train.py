@@ -16,7 +16,7 @@ Speed: with Luong attention (dot/general/concat) and full teacher forcing the de
 runs over the whole target sequence in one call and attention is one batched matmul. Bahdanau
 attention (whose query is the previous decoder state) and free-running steps need a Python
 loop over time; there the GRU equations are written out so that each step costs one weight
-product (Decoder.bahdanau_steps). Batches are bucketed by length, so little is padding; the
+product (Decoder.bahdanau_fused, tested equal to the tutorial's step, bahdanau_plain). Batches are bucketed by length, so little is padding; the
 output layer sees only real target positions, in bf16 where the hardware has it.
 """
 import argparse
@@ -52,260 +52,6 @@ ENG_PREFIXES = ("i am ", "i m ", "he is", "he s ", "she is", "she s ", "you are"
 def fail(message):
     """A problem the user can fix: one line on stderr, exit status 1, no traceback."""
     raise SystemExit(f"error: {message}")
-
-
-# ----------------------------------------------------------------------------- built-in corpus
-# A small English-French grammar in the territory of the tutorial's filtered data. French
-# agrees where English does not (adjectives with gender and number, articles with the noun),
-# puts colour adjectives after the noun, wraps negation around the verb (ne ... pas) and says
-# "j ai faim" for "i am hungry": a decoder must look at the right source word at each step.
-
-SUBJECTS = [  # English, French, person (0-5 selects the verb form), plural
-    ("i", "je", 0, False), ("you", "tu", 1, False), ("he", "il", 2, False), ("she", "elle", 2, False),
-    ("we", "nous", 3, True), ("you", "vous", 4, True), ("they", "ils", 5, True), ("they", "elles", 5, True)]
-BE_EN = {"i": ("am", "m"), "you": ("are", "re"), "he": ("is", "s"), "she": ("is", "s"), "we": ("are", "re"), "they": ("are", "re")}
-ETRE = ["suis", "es", "est", "sommes", "etes", "sont"]
-AVOIR = ["ai", "as", "a", "avons", "avez", "ont"]
-
-
-def forms(m, f=None, mp=None, fp=None):
-    """French adjective forms (masc, fem, masc plural, fem plural), regular unless given."""
-    f = f or (m if m.endswith("e") else m + "e")
-    return (m, f, mp or (m if m[-1] in "sx" else m + "s"), fp or f + "s")
-
-
-ADJECTIVES = {  # English: (comparative, French forms)
-    "tall": ("taller", forms("grand")), "small": ("smaller", forms("petit")), "happy": ("happier", forms("heureux", "heureuse")),
-    "tired": ("more tired", forms("fatigue", "fatiguee")), "sad": ("sadder", forms("triste")), "ready": (None, forms("pret", "prete")),
-    "busy": ("busier", forms("occupe", "occupee")), "rich": ("richer", forms("riche")), "young": ("younger", forms("jeune")),
-    "angry": (None, forms("fache", "fachee")), "sick": (None, forms("malade")), "strong": ("stronger", forms("fort")),
-    "lazy": ("lazier", forms("paresseux", "paresseuse")), "proud": ("prouder", forms("fier", "fiere")),
-    "married": (None, forms("marie", "mariee")), "alone": (None, forms("seul")), "polite": ("more polite", forms("poli")),
-    "curious": ("more curious", forms("curieux", "curieuse")), "calm": ("calmer", forms("calme")), "shy": ("shyer", forms("timide")),
-    "smart": ("smarter", forms("intelligent")), "brave": ("braver", forms("courageux", "courageuse")),
-    "late": (None, ("en retard",) * 4), "early": (None, ("en avance",) * 4),
-}
-AVOIR_EXPRESSIONS = {"hungry": "faim", "thirsty": "soif", "cold": "froid", "hot": "chaud", "afraid": "peur",
-                     "right": "raison", "wrong": "tort", "sleepy": "sommeil"}
-AGES = {"ten": "dix", "twelve": "douze", "fifteen": "quinze", "twenty": "vingt", "thirty": "trente",
-        "forty": "quarante", "fifty": "cinquante", "sixty": "soixante"}
-PRONOUNS = {"me": "moi", "you": "toi", "him": "lui", "her": "elle", "us": "nous", "them": "eux"}
-INTENSIFIERS = {"very": "tres", "too": "trop", "so": "si"}
-VERBS = {  # English -ing form: the six French present-tense forms
-    "looking at": "regarde regardes regarde regardons regardez regardent", "buying": "achete achetes achete achetons achetez achetent",
-    "washing": "lave laves lave lavons lavez lavent", "painting": "peins peins peint peignons peignez peignent",
-    "drawing": "dessine dessines dessine dessinons dessinez dessinent", "selling": "vends vends vend vendons vendez vendent",
-    "carrying": "porte portes porte portons portez portent", "cleaning": "nettoie nettoies nettoie nettoyons nettoyez nettoient",
-    "looking for": "cherche cherches cherche cherchons cherchez cherchent", "repairing": "repare repares repare reparons reparez reparent"}
-NOUNS = [  # English singular, plural; French singular, plural; feminine?
-    ("car", "cars", "voiture", "voitures", True), ("book", "books", "livre", "livres", False), ("house", "houses", "maison", "maisons", True),
-    ("letter", "letters", "lettre", "lettres", True), ("chair", "chairs", "chaise", "chaises", True), ("bike", "bikes", "velo", "velos", False),
-    ("shirt", "shirts", "chemise", "chemises", True), ("hat", "hats", "chapeau", "chapeaux", False), ("ball", "balls", "balle", "balles", True),
-    ("picture", "pictures", "photo", "photos", True), ("window", "windows", "fenetre", "fenetres", True), ("table", "tables", "table", "tables", True),
-    ("box", "boxes", "boite", "boites", True), ("door", "doors", "porte", "portes", True), ("boat", "boats", "bateau", "bateaux", False),
-    ("bag", "bags", "sac", "sacs", False), ("coat", "coats", "manteau", "manteaux", False), ("cup", "cups", "tasse", "tasses", True),
-    ("pen", "pens", "stylo", "stylos", False), ("dress", "dresses", "robe", "robes", True), ("truck", "trucks", "camion", "camions", False),
-    ("horse", "horses", "cheval", "chevaux", False), ("dog", "dogs", "chien", "chiens", False), ("cat", "cats", "chat", "chats", False)]
-BEFORE_NOUN = {"small": forms("petit"), "big": forms("grand"), "new": forms("nouveau", "nouvelle", "nouveaux"),
-               "old": forms("vieux", "vieille"), "pretty": forms("joli"), "beautiful": forms("beau", "belle", "beaux")}
-COLOURS = {"red": forms("rouge"), "green": forms("vert"), "white": forms("blanc", "blanche"), "black": forms("noir"),
-           "blue": forms("bleu"), "yellow": forms("jaune"), "grey": forms("gris", "grise")}
-DETERMINERS = {  # English: (plural?, French masc, French fem)
-    "a": (False, "un", "une"), "the": (False, "le", "la"), "my": (False, "mon", "ma"), "this": (False, "ce", "cette"),
-    "the+": (True, "les", "les"), "my+": (True, "mes", "mes"), "these": (True, "ces", "ces"), "two": (True, "deux", "deux"), "three": (True, "trois", "trois")}
-PLACES = {"kitchen": "la cuisine", "garden": "le jardin", "office": "le bureau", "park": "le parc", "bedroom": "la chambre",
-          "car": "la voiture", "street": "la rue", "library": "la bibliotheque", "shop": "le magasin", "living room": "le salon"}
-
-
-def elide(word, following):
-    """je -> j, ne -> n before a vowel sound, as French writes j'ai, n'est (normalised to j ai, n est)."""
-    return word[0] if word in ("je", "ne") and following[0] in "aeiouh" else word
-
-
-def french_subject_verb(fr_subj, verb, negative):
-    """'je' + 'suis' -> 'je suis'; negative: 'je ne suis pas', 'il n est pas'."""
-    if negative:
-        return f"{elide(fr_subj, 'ne')} {elide('ne', verb)} {verb} pas"
-    return f"{elide(fr_subj, verb)} {verb}"
-
-
-def make_pair(rng):
-    """One random (English, French) pair, both normalised as the tutorial normalises."""
-    en_subj, fr_subj, person, plural = rng.choice(SUBJECTS)
-    feminine = fr_subj in ("elle", "elles") or (fr_subj not in ("il", "ils") and rng.random() < 0.5)
-    agree = (2 if plural else 0) + (1 if feminine else 0)  # index into an adjective's four forms
-    negative = rng.random() < 0.3
-    full, short = BE_EN[en_subj]
-    en_be = f"{en_subj} {short} not" if negative else f"{en_subj} {full}"  # negatives use the contraction: "he s not"
-    kind = rng.choices(["adjective", "comparative", "avoir", "age", "place", "verb"], [20, 10, 10, 5, 5, 50])[0]
-    if kind in ("adjective", "comparative"):
-        en_adj, (comparative, fr_forms) = rng.choice(list(ADJECTIVES.items()))
-        if kind == "comparative" and comparative:
-            en_pron, fr_pron = rng.choice(list(PRONOUNS.items()))
-            return f"{en_be} {comparative} than {en_pron} .", f"{french_subject_verb(fr_subj, ETRE[person], negative)} plus {fr_forms[agree]} que {fr_pron} ."
-        en_int, fr_int = rng.choice([("", "")] * 3 + list(INTENSIFIERS.items()))
-        return (re.sub(" +", " ", f"{en_be} {en_int} {en_adj} ."),
-                re.sub(" +", " ", f"{french_subject_verb(fr_subj, ETRE[person], negative)} {fr_int} {fr_forms[agree]} ."))
-    if kind == "avoir":
-        en_word, fr_word = rng.choice(list(AVOIR_EXPRESSIONS.items()))
-        very = rng.random() < 0.3
-        return f"{en_be} {'very ' if very else ''}{en_word} .", f"{french_subject_verb(fr_subj, AVOIR[person], negative)} {'tres ' if very else ''}{fr_word} ."
-    if kind == "age":
-        en_age, fr_age = rng.choice(list(AGES.items()))
-        return f"{en_be} {en_age} years old .", f"{french_subject_verb(fr_subj, AVOIR[person], negative)} {fr_age} ans ."
-    if kind == "place":
-        en_place, fr_place = rng.choice(list(PLACES.items()))
-        return f"{en_be} in the {en_place} .", f"{french_subject_verb(fr_subj, ETRE[person], negative)} dans {fr_place} ."
-    # "she is buying a small red car and two books" -> "elle achete une petite voiture rouge et deux livres"
-    verb_en, verb_fr = rng.choice(list(VERBS.items()))
-    (obj_en, obj_fr), and_en, and_fr = noun_phrase(rng), "", ""
-    if rng.random() < 0.5:  # a second object: more to carry, and a long way from the verb
-        second_en, second_fr = noun_phrase(rng)
-        and_en, and_fr = f" and {second_en}", f" et {second_fr}"
-    fr_verb = verb_fr.split()[person]
-    return f"{en_be} {verb_en} {obj_en}{and_en} .", f"{french_subject_verb(fr_subj, fr_verb, negative)} {obj_fr}{and_fr} ."
-
-
-def noun_phrase(rng):
-    """('a small red car', 'une petite voiture rouge'): the article and both adjectives agree
-    with the noun's gender and number; the colour moves behind the noun in French."""
-    det_en, (det_plural, det_m, det_f) = rng.choice(list(DETERMINERS.items()))
-    en_sg, en_pl, fr_sg, fr_pl, fem = rng.choice(NOUNS)
-    agree = (2 if det_plural else 0) + (1 if fem else 0)
-    words_en, words_fr = [det_en.rstrip("+")], [det_f if fem else det_m]
-    if rng.random() < 0.4:
-        adj_en, adj_fr = rng.choice(list(BEFORE_NOUN.items()))
-        words_en.append(adj_en)
-        words_fr.append(adj_fr[agree])
-    words_fr.append(fr_pl if det_plural else fr_sg)
-    if rng.random() < 0.5:
-        col_en, col_fr = rng.choice(list(COLOURS.items()))
-        words_en.append(col_en)
-        words_fr.append(col_fr[agree])
-    words_en.append(en_pl if det_plural else en_sg)
-    if words_en[0] == "a" and words_en[1][0] in "aeiou":
-        words_en[0] = "an"  # "an old car"
-    return " ".join(words_en), " ".join(words_fr)
-
-
-def builtin_pairs(n, seed, max_length):
-    """n distinct (English, French) pairs, deterministic for a seed, each side under max_length words."""
-    rng, pairs, seen = random.Random(seed), [], set()
-    for _ in range(50 * n):
-        en, fr = map(normalize, make_pair(rng))  # exactly what sample.py will make of typed input
-        if (en, fr) not in seen and len(en.split()) < max_length and len(fr.split()) < max_length:
-            seen.add((en, fr))  # distinct pairs: no pair can be in two splits
-            pairs.append((en, fr))
-            if len(pairs) == n:
-                break
-    return pairs
-
-
-# ----------------------------------------------------------------------------- data files
-
-
-def normalize(s):
-    """The tutorial's normalisation: accents dropped (Unicode NFD, combining marks removed),
-    lower case, ! and ? split off, every other non-letter run (. included) becomes a space."""
-    s = "".join(c for c in unicodedata.normalize("NFD", s.lower().strip()) if unicodedata.category(c) != "Mn")
-    s = re.sub(r"([.!?])", r" \1", s)
-    return re.sub(r"[^a-zA-Z!?]+", " ", s).strip()  # the tutorial drops "." here too, keeping ! and ?
-
-
-def read_pairs_file(path):
-    """Tab-separated pairs from a UTF-8 text file or a zip holding one (the tutorial's data.zip)."""
-    path = Path(path)
-    if not path.is_file():
-        fail(f"--data {path}: no such file (give eng-fra.txt, the tutorial's data.zip, or any tab-separated pairs)")
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                names = [n for n in z.namelist() if n.endswith(".txt")]
-                if not names:
-                    fail(f"{path} holds no .txt file of tab-separated pairs")
-                name = next((n for n in names if n.endswith("eng-fra.txt")), names[0])
-                text = z.read(name).decode("utf-8")
-        else:
-            text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        fail(f"{path} is not UTF-8 text")
-    except (zipfile.BadZipFile, OSError) as e:
-        fail(f"cannot read {path}: {e}")
-    pairs = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        columns = line.split("\t")
-        if len(columns) < 2:  # a third column (Tatoeba's attribution) is ignored
-            fail(f"{path} line {number}: expected 2 tab-separated columns, found {len(columns)}")
-        pairs.append((normalize(columns[0]), normalize(columns[1])))
-    if not pairs:
-        fail(f"{path} is empty: expected lines of 'sentence<TAB>translation'")
-    return pairs
-
-
-ENG_FRA_URL = "https://download.pytorch.org/tutorial/data.zip"  # the translation tutorial's download
-ENG_FRA_SHA256 = "fb317e80248faeb62dc25ef3390ae24ca34b94e276bbc5141fd8862c2200bff5"
-
-
-def fetch_eng_fra(data_dir):
-    """The tutorial's data.zip in data_dir, downloaded when missing. A download is checked
-    before it takes the name data.zip, and an existing file is checked before it is read."""
-    path = Path(data_dir) / "data.zip"
-    if not path.is_file():
-        print(f"downloading {ENG_FRA_URL} (2.9 MB) to {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_suffix(".part")
-        try:
-            urllib.request.urlretrieve(ENG_FRA_URL, part)
-        except OSError as e:
-            fail(f"could not download the tutorial's data ({e}); offline? fetch {ENG_FRA_URL} elsewhere and pass it with --data")
-        if hashlib.sha256(part.read_bytes()).hexdigest() != ENG_FRA_SHA256:  # 2.9 MB: read at once
-            part.unlink()
-            fail(f"the download from {ENG_FRA_URL} has the wrong SHA-256 (expected {ENG_FRA_SHA256}); nothing was kept")
-        os.replace(part, path)
-    if hashlib.sha256(path.read_bytes()).hexdigest() != ENG_FRA_SHA256:
-        fail(f"{path} has the wrong SHA-256 (expected {ENG_FRA_SHA256}): delete it to download it again")
-    return path
-
-
-def split_pairs(pairs, val_frac, test_frac, seed):
-    """Seeded shuffle, then (train, val, test). The pairs are distinct, so the splits share none."""
-    pairs = list(pairs)
-    random.Random(seed).shuffle(pairs)
-    n_test, n_val = max(1, int(test_frac * len(pairs))), max(1, int(val_frac * len(pairs)))
-    return pairs[n_test + n_val:], pairs[n_test:n_test + n_val], pairs[:n_test]
-
-
-class Vocab:
-    """Words <-> indices. The four specials come first; words seen fewer than min_count
-    times in training are left out and read as <unk> (the chatbot tutorial's trimming)."""
-
-    def __init__(self, words):
-        self.words = list(words)
-        self.index = {w: i for i, w in enumerate(self.words)}
-
-    @classmethod
-    def build(cls, sentences, min_count):
-        counts = Counter(w for s in sentences for w in s.split())
-        return cls(SPECIALS + sorted(w for w, c in counts.items() if c >= min_count))
-
-    def encode(self, sentence):
-        return [self.index.get(w, UNK) for w in sentence.split()]
-
-    def decode(self, ids):
-        return " ".join(self.words[i] for i in ids)
-
-    def __len__(self):
-        return len(self.words)
-
-
-def to_tensors(pairs, src_vocab, tgt_vocab, device):
-    """Padded index tensors on the device: src (N, S), src_len (N,), tgt (N, T+1) ending in <eos>."""
-    src = [src_vocab.encode(s) for s, _ in pairs]
-    tgt = [tgt_vocab.encode(t) + [EOS] for _, t in pairs]
-    pad = lambda seqs: torch.tensor([s + [PAD] * (max(map(len, seqs)) - len(s)) for s in seqs], dtype=torch.long)
-    return pad(src).to(device), torch.tensor([len(s) for s in src]).to(device), pad(tgt).to(device)
 
 
 # ----------------------------------------------------------------------------- model
@@ -378,42 +124,58 @@ class Decoder(nn.Module):
         self.out = nn.Linear(hidden, vocab)
         self.dropout = nn.Dropout(dropout)
         self.bf16_output = False  # a speed setting, not saved: train.py turns it on where bf16 is fast
+        self.fused = True  # Bahdanau: the fused step (bahdanau_fused) instead of bahdanau_plain; the same numbers
 
     def memory(self, enc_out, src_len):
         """What every step needs from the source, computed once per sentence: attention keys,
-        values and the padding bias."""
+        values, the padding bias, and for the fused Bahdanau step its folded values."""
         keys = self.attention.keys(enc_out) if self.attention is not None else None
-        values = enc_out  # (B, S, H)
+        folded = None
         if self.kind == "bahdanau":
             # The context c_t = sum_s a_ts h_s only enters the GRU's input gates, through W_c c_t =
-            # sum_s a_ts (W_c h_s). So W_c is applied to the S encoder states once, and each step
+            # sum_s a_ts (W_c h_s). So the fused step applies W_c to the S encoder states once and
             # attends over these (B, S, 3H) values directly: no context product inside the loop.
-            values = F.linear(enc_out, self.gru.weight_ih_l0[:, self.gru.hidden_size:])
+            folded = F.linear(enc_out, self.gru.weight_ih_l0[:, self.gru.hidden_size:])
         src_len = src_len.to(enc_out.device, non_blocking=True)  # from the host, without waiting for the GPU
         pad = torch.arange(enc_out.shape[1], device=enc_out.device).unsqueeze(0) >= src_len.unsqueeze(1)  # (B, S)
         pad_bias = torch.zeros(pad.shape, device=enc_out.device).masked_fill(pad, float("-inf"))
-        return keys, values, pad_bias
+        return keys, enc_out, pad_bias, folded
 
     def forward(self, tokens, hidden, memory):  # tokens (B, T), hidden (layers, B, H)
         x = self.dropout(self.embedding(tokens))  # (B, T, H)
         weights = None
         if self.kind == "bahdanau":  # the query is the previous state, so step through time
-            out, hidden, weights = self.bahdanau_steps(x, hidden, *memory)
+            steps = self.bahdanau_fused if self.fused else self.bahdanau_plain
+            out, hidden, weights = steps(x, hidden, *memory)
         else:
             out, hidden = rnn_fp32(self.gru, x, hidden)  # all T steps in one call
             if self.attention is not None:
-                context, weights = self.attention(out, *memory)
+                context, weights = self.attention(out, *memory[:3])
                 out = torch.tanh(self.combine(torch.cat([out, context], -1)))  # Luong eq. 5: h~ = tanh(Wc [c; h])
         return out, hidden, weights  # features (B, T, H): self.project turns them into logits
 
-    def bahdanau_steps(self, x, hidden, keys, values, pad_bias):
-        """The translation tutorial's attention decoder, one step per target word: attend with
-        the previous state as the query, then feed [word; context] to the GRU. The GRU equations
+    def bahdanau_plain(self, x, hidden, keys, values, pad_bias, folded=None):
+        """The translation tutorial's AttnDecoderRNN, one step per target word: the previous state
+        of the top layer is the query; attention over the encoder states forms the context vector
+        c_t; [word; context] is the GRU's input for one step (Bahdanau et al. 2015, section 3.1)."""
+        outs, ws = [], []
+        for t in range(x.shape[1]):
+            query = hidden[-1].unsqueeze(1)  # (B, 1, H): s_{t-1}
+            context, w = self.attention(query, keys, values, pad_bias)  # c_t (B, 1, H), weights (B, 1, S)
+            out, hidden = rnn_fp32(self.gru, torch.cat([x[:, t:t + 1], context], -1), hidden)  # (B, 1, H)
+            outs.append(out)
+            ws.append(w)
+        return torch.cat(outs, 1), hidden, torch.cat(ws, 1)  # (B, T, H), (L, B, H), (B, T, S)
+
+    # ------------------------------------------------------------------ the same step, fused for speed
+
+    def bahdanau_fused(self, x, hidden, keys, values, pad_bias, folded):
+        """bahdanau_plain, computed faster and tested equal to it (test_all.py). The GRU equations
         (Cho et al. 2014, in nn.GRU's gate order r, z, n and with nn.GRU's own weights) are
         written out so that each step needs one weight product instead of four:
         - the word's share of the input gates, W_w x_t, does not depend on the state, so it is
           computed for all T steps at once before the loop;
-        - the context's share comes from the values prepared in memory();
+        - the context's share comes from the folded values prepared in memory();
         - the attention query W s_{t-1} and the recurrent gates W_hh s_{t-1} read the same
           state, so one product with the two weight matrices stacked gives both."""
         g, H, L = self.gru, self.gru.hidden_size, self.gru.num_layers
@@ -430,7 +192,7 @@ class Decoder(nn.Module):
         # the backward of a slice allocates a zero tensor of the full size at every step.)
         for t in range(x.shape[1]):
             *top_gates, q = F.linear(h[-1], w_top, b_top).split([2 * H, H, H], -1)  # r|z (B, 2H), n (B, H), query (B, H)
-            context_gates, w = self.attention.attend(q.unsqueeze(1), keys, values, pad_bias)  # W_c c_t (B, 1, 3H), (B, 1, S)
+            context_gates, w = self.attention.attend(q.unsqueeze(1), keys, folded, pad_bias)  # W_c c_t (B, 1, 3H), (B, 1, S)
             inp = word_gates[t] + context_gates.squeeze(1)  # layer 0's input gates (B, 3H)
             for l in range(L):
                 if l > 0:  # the layer below's new state, with nn.GRU's dropout between layers
@@ -535,6 +297,194 @@ class Seq2Seq(nn.Module):
         return best[1], torch.stack(best[2])
 
 
+# ------------------------------------------------------------------- data: pairs files, vocabularies, batches
+
+
+def normalize(s):
+    """The tutorial's normalisation: accents dropped (Unicode NFD, combining marks removed),
+    lower case, ! and ? split off, every other non-letter run (. included) becomes a space."""
+    s = "".join(c for c in unicodedata.normalize("NFD", s.lower().strip()) if unicodedata.category(c) != "Mn")
+    s = re.sub(r"([.!?])", r" \1", s)
+    return re.sub(r"[^a-zA-Z!?]+", " ", s).strip()  # the tutorial drops "." here too, keeping ! and ?
+
+
+def read_pairs_file(path):
+    """Tab-separated pairs from a UTF-8 text file or a zip holding one (the tutorial's data.zip)."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"--data {path}: no such file (give eng-fra.txt, the tutorial's data.zip, or any tab-separated pairs)")
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist() if n.endswith(".txt")]
+                if not names:
+                    fail(f"{path} holds no .txt file of tab-separated pairs")
+                name = next((n for n in names if n.endswith("eng-fra.txt")), names[0])
+                text = z.read(name).decode("utf-8")
+        else:
+            text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        fail(f"{path} is not UTF-8 text")
+    except (zipfile.BadZipFile, OSError) as e:
+        fail(f"cannot read {path}: {e}")
+    pairs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        columns = line.split("\t")
+        if len(columns) < 2:  # a third column (Tatoeba's attribution) is ignored
+            fail(f"{path} line {number}: expected 2 tab-separated columns, found {len(columns)}")
+        pairs.append((normalize(columns[0]), normalize(columns[1])))
+    if not pairs:
+        fail(f"{path} is empty: expected lines of 'sentence<TAB>translation'")
+    return pairs
+
+
+ENG_FRA_URL = "https://download.pytorch.org/tutorial/data.zip"  # the translation tutorial's download
+
+
+ENG_FRA_SHA256 = "fb317e80248faeb62dc25ef3390ae24ca34b94e276bbc5141fd8862c2200bff5"
+
+
+def fetch_eng_fra(data_dir):
+    """The tutorial's data.zip in data_dir, downloaded when missing. A download is checked
+    before it takes the name data.zip, and an existing file is checked before it is read."""
+    path = Path(data_dir) / "data.zip"
+    if not path.is_file():
+        print(f"downloading {ENG_FRA_URL} (2.9 MB) to {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_suffix(".part")
+        try:
+            urllib.request.urlretrieve(ENG_FRA_URL, part)
+        except OSError as e:
+            fail(f"could not download the tutorial's data ({e}); offline? fetch {ENG_FRA_URL} elsewhere and pass it with --data")
+        if hashlib.sha256(part.read_bytes()).hexdigest() != ENG_FRA_SHA256:  # 2.9 MB: read at once
+            part.unlink()
+            fail(f"the download from {ENG_FRA_URL} has the wrong SHA-256 (expected {ENG_FRA_SHA256}); nothing was kept")
+        os.replace(part, path)
+    if hashlib.sha256(path.read_bytes()).hexdigest() != ENG_FRA_SHA256:
+        fail(f"{path} has the wrong SHA-256 (expected {ENG_FRA_SHA256}): delete it to download it again")
+    return path
+
+
+def split_pairs(pairs, val_frac, test_frac, seed):
+    """Seeded shuffle, then (train, val, test). The pairs are distinct, so the splits share none."""
+    pairs = list(pairs)
+    random.Random(seed).shuffle(pairs)
+    n_test, n_val = max(1, int(test_frac * len(pairs))), max(1, int(val_frac * len(pairs)))
+    return pairs[n_test + n_val:], pairs[n_test:n_test + n_val], pairs[:n_test]
+
+
+class Vocab:
+    """Words <-> indices. The four specials come first; words seen fewer than min_count
+    times in training are left out and read as <unk> (the chatbot tutorial's trimming)."""
+
+    def __init__(self, words):
+        self.words = list(words)
+        self.index = {w: i for i, w in enumerate(self.words)}
+
+    @classmethod
+    def build(cls, sentences, min_count):
+        counts = Counter(w for s in sentences for w in s.split())
+        return cls(SPECIALS + sorted(w for w, c in counts.items() if c >= min_count))
+
+    def encode(self, sentence):
+        return [self.index.get(w, UNK) for w in sentence.split()]
+
+    def decode(self, ids):
+        return " ".join(self.words[i] for i in ids)
+
+    def __len__(self):
+        return len(self.words)
+
+
+def to_tensors(pairs, src_vocab, tgt_vocab, device):
+    """Padded index tensors on the device: src (N, S), src_len (N,), tgt (N, T+1) ending in <eos>."""
+    src = [src_vocab.encode(s) for s, _ in pairs]
+    tgt = [tgt_vocab.encode(t) + [EOS] for _, t in pairs]
+    pad = lambda seqs: torch.tensor([s + [PAD] * (max(map(len, seqs)) - len(s)) for s in seqs], dtype=torch.long)
+    return pad(src).to(device), torch.tensor([len(s) for s in src]).to(device), pad(tgt).to(device)
+
+
+def batches(src_len, tgt_len, batch_size, generator):
+    """Shuffled batches of similar length (bucketing): shuffle, sort chunks of 50 batches by target
+    length and then source length, cut into batches, shuffle the batches. Less padding, less wasted
+    compute. The target comes first because each target word is a decoder step, the costliest part
+    (on eng-fra this cuts the decoder steps per batch from 8.5 to 6.3 against sorting by source)."""
+    order = torch.randperm(len(src_len), generator=generator)
+    key = (tgt_len * (int(src_len.max()) + 1) + src_len).cpu()
+    chunk = 50 * batch_size
+    out = []
+    for i in range(0, len(order), chunk):
+        idx = order[i:i + chunk]
+        idx = idx[key[idx].argsort()]
+        out += list(idx.split(batch_size))
+    return [out[j] for j in torch.randperm(len(out), generator=generator)]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def real_positions(lengths, T):
+    """lengths (B,) on the host -> (N,) indices of the real (not padding) positions of a (B, T)
+    batch, flattened row by row. Computed on the host from the lengths, so selecting them on a
+    GPU needs no sync (a boolean mask would: its size is known only after counting)."""
+    return (torch.arange(T) < lengths.cpu()[:, None]).flatten().nonzero().squeeze(1)
+
+
+def train_step(model, optimizer, scaler, src, src_len, tgt, tgt_len, teacher_forcing, clip, amp_dtype):
+    """One update on a batch: src (B, S) and tgt (B, T) padded, tgt ending in <eos>; their lengths
+    src_len, tgt_len (B,) on the host. Returns the loss, left on the device (reading it would sync)."""
+    tgt_in = torch.cat([torch.full_like(tgt[:, :1], SOS), tgt[:, :-1]], 1)  # shifted right: <sos> w1 w2 ...
+    keep = real_positions(tgt_len, tgt.shape[1]).to(tgt.device, non_blocking=True)  # (N,) the real target positions
+    with autocast(src.device, amp_dtype):
+        if random.random() < teacher_forcing:  # decided per batch, as in the chatbot tutorial
+            logits = model(src, src_len, tgt_in, keep)  # (N, V)
+        else:
+            logits = model.free_running(src, src_len, tgt.shape[1], keep)
+        # Masked loss: only real positions count, so padding does not dilute short sentences.
+        loss = F.cross_entropy(logits.float(), tgt.flatten()[keep])
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # with the scaler off (everything but fp16) these are plain backward() ...
+    scaler.unscale_(optimizer)  # fp16: true gradients before clipping
+    nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)  # keeps an exploding RNN gradient in check
+    scaler.step(optimizer)  # ... and step(); fp16: skipped if a gradient overflowed
+    scaler.update()
+    return loss.detach()
+
+
+def bf16_output_layer(device_type, choice, cpu_native_bf16):
+    """seq2seq's addition to the --amp rule of common.py: "bf16-output" runs only the (N x H x V)
+    output product in bf16, and auto chooses it on a CPU with native bf16 (AVX512-BF16 or AMX),
+    where that product gains about 2x while the recurrent steps' small products run slower in
+    bf16 (the casts cost more than they save)."""
+    return choice == "bf16-output" or (choice == "auto" and device_type == "cpu" and cpu_native_bf16)
+
+
+def save_checkpoint(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device):
+    """A seq2seq checkpoint and its model, or one line saying what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"no checkpoint at {path}: run python seq2seq/train.py first")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "seq2seq":
+        fail(f"{path} is not a seq2seq checkpoint (it was written by another script): train one with python seq2seq/train.py")
+    model = Seq2Seq(**ckpt["model_args"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    return ckpt, model.eval(), Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"])
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -579,80 +529,178 @@ def translate_split(model, pairs, src_vocab, tgt_vocab, device, max_len, beam=1,
     return bleu, exact, outputs
 
 
-def batches(src_len, tgt_len, batch_size, generator):
-    """Shuffled batches of similar length (bucketing): shuffle, sort chunks of 50 batches by target
-    length and then source length, cut into batches, shuffle the batches. Less padding, less wasted
-    compute. The target comes first because each target word is a decoder step, the costliest part
-    (on eng-fra this cuts the decoder steps per batch from 8.5 to 6.3 against sorting by source)."""
-    order = torch.randperm(len(src_len), generator=generator)
-    key = (tgt_len * (int(src_len.max()) + 1) + src_len).cpu()
-    chunk = 50 * batch_size
-    out = []
-    for i in range(0, len(order), chunk):
-        idx = order[i:i + chunk]
-        idx = idx[key[idx].argsort()]
-        out += list(idx.split(batch_size))
-    return [out[j] for j in torch.randperm(len(out), generator=generator)]
+# ----------------------------------------------------- built-in corpus: French sentences from a small grammar
+# A small English-French grammar in the territory of the tutorial's filtered data. French
+# agrees where English does not (adjectives with gender and number, articles with the noun),
+# puts colour adjectives after the noun, wraps negation around the verb (ne ... pas) and says
+# "j ai faim" for "i am hungry": a decoder must look at the right source word at each step.
 
 
-def bf16_output_layer(device_type, choice, cpu_native_bf16):
-    """seq2seq's addition to the --amp rule of common.py: "bf16-output" runs only the (N x H x V)
-    output product in bf16, and auto chooses it on a CPU with native bf16 (AVX512-BF16 or AMX),
-    where that product gains about 2x while the recurrent steps' small products run slower in
-    bf16 (the casts cost more than they save)."""
-    return choice == "bf16-output" or (choice == "auto" and device_type == "cpu" and cpu_native_bf16)
+SUBJECTS = [  # English, French, person (0-5 selects the verb form), plural
+    ("i", "je", 0, False), ("you", "tu", 1, False), ("he", "il", 2, False), ("she", "elle", 2, False),
+    ("we", "nous", 3, True), ("you", "vous", 4, True), ("they", "ils", 5, True), ("they", "elles", 5, True)]
 
 
-def real_positions(lengths, T):
-    """lengths (B,) on the host -> (N,) indices of the real (not padding) positions of a (B, T)
-    batch, flattened row by row. Computed on the host from the lengths, so selecting them on a
-    GPU needs no sync (a boolean mask would: its size is known only after counting)."""
-    return (torch.arange(T) < lengths.cpu()[:, None]).flatten().nonzero().squeeze(1)
+BE_EN = {"i": ("am", "m"), "you": ("are", "re"), "he": ("is", "s"), "she": ("is", "s"), "we": ("are", "re"), "they": ("are", "re")}
 
 
-def train_step(model, optimizer, scaler, src, src_len, tgt, tgt_len, teacher_forcing, clip, amp_dtype):
-    """One update on a batch: src (B, S) and tgt (B, T) padded, tgt ending in <eos>; their lengths
-    src_len, tgt_len (B,) on the host. Returns the loss, left on the device (reading it would sync)."""
-    tgt_in = torch.cat([torch.full_like(tgt[:, :1], SOS), tgt[:, :-1]], 1)  # shifted right: <sos> w1 w2 ...
-    keep = real_positions(tgt_len, tgt.shape[1]).to(tgt.device, non_blocking=True)  # (N,) the real target positions
-    with autocast(src.device, amp_dtype):
-        if random.random() < teacher_forcing:  # decided per batch, as in the chatbot tutorial
-            logits = model(src, src_len, tgt_in, keep)  # (N, V)
-        else:
-            logits = model.free_running(src, src_len, tgt.shape[1], keep)
-        # Masked loss: only real positions count, so padding does not dilute short sentences.
-        loss = F.cross_entropy(logits.float(), tgt.flatten()[keep])
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # with the scaler off (everything but fp16) these are plain backward() ...
-    scaler.unscale_(optimizer)  # fp16: true gradients before clipping
-    nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)  # keeps an exploding RNN gradient in check
-    scaler.step(optimizer)  # ... and step(); fp16: skipped if a gradient overflowed
-    scaler.update()
-    return loss.detach()
+ETRE = ["suis", "es", "est", "sommes", "etes", "sont"]
 
 
-def save_checkpoint(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+AVOIR = ["ai", "as", "a", "avons", "avez", "ont"]
 
 
-def load_checkpoint(path, device):
-    """A seq2seq checkpoint and its model, or one line saying what is wrong with the file."""
-    path = Path(path)
-    if not path.is_file():
-        fail(f"no checkpoint at {path}: run python seq2seq/train.py first")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        fail(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "seq2seq":
-        fail(f"{path} is not a seq2seq checkpoint (it was written by another script): train one with python seq2seq/train.py")
-    model = Seq2Seq(**ckpt["model_args"]).to(device)
-    model.load_state_dict(ckpt["model"])
-    return ckpt, model.eval(), Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"])
+def forms(m, f=None, mp=None, fp=None):
+    """French adjective forms (masc, fem, masc plural, fem plural), regular unless given."""
+    f = f or (m if m.endswith("e") else m + "e")
+    return (m, f, mp or (m if m[-1] in "sx" else m + "s"), fp or f + "s")
+
+
+ADJECTIVES = {  # English: (comparative, French forms)
+    "tall": ("taller", forms("grand")), "small": ("smaller", forms("petit")), "happy": ("happier", forms("heureux", "heureuse")),
+    "tired": ("more tired", forms("fatigue", "fatiguee")), "sad": ("sadder", forms("triste")), "ready": (None, forms("pret", "prete")),
+    "busy": ("busier", forms("occupe", "occupee")), "rich": ("richer", forms("riche")), "young": ("younger", forms("jeune")),
+    "angry": (None, forms("fache", "fachee")), "sick": (None, forms("malade")), "strong": ("stronger", forms("fort")),
+    "lazy": ("lazier", forms("paresseux", "paresseuse")), "proud": ("prouder", forms("fier", "fiere")),
+    "married": (None, forms("marie", "mariee")), "alone": (None, forms("seul")), "polite": ("more polite", forms("poli")),
+    "curious": ("more curious", forms("curieux", "curieuse")), "calm": ("calmer", forms("calme")), "shy": ("shyer", forms("timide")),
+    "smart": ("smarter", forms("intelligent")), "brave": ("braver", forms("courageux", "courageuse")),
+    "late": (None, ("en retard",) * 4), "early": (None, ("en avance",) * 4),
+}
+
+
+AVOIR_EXPRESSIONS = {"hungry": "faim", "thirsty": "soif", "cold": "froid", "hot": "chaud", "afraid": "peur",
+                     "right": "raison", "wrong": "tort", "sleepy": "sommeil"}
+
+
+AGES = {"ten": "dix", "twelve": "douze", "fifteen": "quinze", "twenty": "vingt", "thirty": "trente",
+        "forty": "quarante", "fifty": "cinquante", "sixty": "soixante"}
+
+
+PRONOUNS = {"me": "moi", "you": "toi", "him": "lui", "her": "elle", "us": "nous", "them": "eux"}
+
+
+INTENSIFIERS = {"very": "tres", "too": "trop", "so": "si"}
+
+
+VERBS = {  # English -ing form: the six French present-tense forms
+    "looking at": "regarde regardes regarde regardons regardez regardent", "buying": "achete achetes achete achetons achetez achetent",
+    "washing": "lave laves lave lavons lavez lavent", "painting": "peins peins peint peignons peignez peignent",
+    "drawing": "dessine dessines dessine dessinons dessinez dessinent", "selling": "vends vends vend vendons vendez vendent",
+    "carrying": "porte portes porte portons portez portent", "cleaning": "nettoie nettoies nettoie nettoyons nettoyez nettoient",
+    "looking for": "cherche cherches cherche cherchons cherchez cherchent", "repairing": "repare repares repare reparons reparez reparent"}
+
+
+NOUNS = [  # English singular, plural; French singular, plural; feminine?
+    ("car", "cars", "voiture", "voitures", True), ("book", "books", "livre", "livres", False), ("house", "houses", "maison", "maisons", True),
+    ("letter", "letters", "lettre", "lettres", True), ("chair", "chairs", "chaise", "chaises", True), ("bike", "bikes", "velo", "velos", False),
+    ("shirt", "shirts", "chemise", "chemises", True), ("hat", "hats", "chapeau", "chapeaux", False), ("ball", "balls", "balle", "balles", True),
+    ("picture", "pictures", "photo", "photos", True), ("window", "windows", "fenetre", "fenetres", True), ("table", "tables", "table", "tables", True),
+    ("box", "boxes", "boite", "boites", True), ("door", "doors", "porte", "portes", True), ("boat", "boats", "bateau", "bateaux", False),
+    ("bag", "bags", "sac", "sacs", False), ("coat", "coats", "manteau", "manteaux", False), ("cup", "cups", "tasse", "tasses", True),
+    ("pen", "pens", "stylo", "stylos", False), ("dress", "dresses", "robe", "robes", True), ("truck", "trucks", "camion", "camions", False),
+    ("horse", "horses", "cheval", "chevaux", False), ("dog", "dogs", "chien", "chiens", False), ("cat", "cats", "chat", "chats", False)]
+
+
+BEFORE_NOUN = {"small": forms("petit"), "big": forms("grand"), "new": forms("nouveau", "nouvelle", "nouveaux"),
+               "old": forms("vieux", "vieille"), "pretty": forms("joli"), "beautiful": forms("beau", "belle", "beaux")}
+
+
+COLOURS = {"red": forms("rouge"), "green": forms("vert"), "white": forms("blanc", "blanche"), "black": forms("noir"),
+           "blue": forms("bleu"), "yellow": forms("jaune"), "grey": forms("gris", "grise")}
+
+
+DETERMINERS = {  # English: (plural?, French masc, French fem)
+    "a": (False, "un", "une"), "the": (False, "le", "la"), "my": (False, "mon", "ma"), "this": (False, "ce", "cette"),
+    "the+": (True, "les", "les"), "my+": (True, "mes", "mes"), "these": (True, "ces", "ces"), "two": (True, "deux", "deux"), "three": (True, "trois", "trois")}
+
+
+PLACES = {"kitchen": "la cuisine", "garden": "le jardin", "office": "le bureau", "park": "le parc", "bedroom": "la chambre",
+          "car": "la voiture", "street": "la rue", "library": "la bibliotheque", "shop": "le magasin", "living room": "le salon"}
+
+
+def elide(word, following):
+    """je -> j, ne -> n before a vowel sound, as French writes j'ai, n'est (normalised to j ai, n est)."""
+    return word[0] if word in ("je", "ne") and following[0] in "aeiouh" else word
+
+
+def french_subject_verb(fr_subj, verb, negative):
+    """'je' + 'suis' -> 'je suis'; negative: 'je ne suis pas', 'il n est pas'."""
+    if negative:
+        return f"{elide(fr_subj, 'ne')} {elide('ne', verb)} {verb} pas"
+    return f"{elide(fr_subj, verb)} {verb}"
+
+
+def make_pair(rng):
+    """One random (English, French) pair, both normalised as the tutorial normalises."""
+    en_subj, fr_subj, person, plural = rng.choice(SUBJECTS)
+    feminine = fr_subj in ("elle", "elles") or (fr_subj not in ("il", "ils") and rng.random() < 0.5)
+    agree = (2 if plural else 0) + (1 if feminine else 0)  # index into an adjective's four forms
+    negative = rng.random() < 0.3
+    full, short = BE_EN[en_subj]
+    en_be = f"{en_subj} {short} not" if negative else f"{en_subj} {full}"  # negatives use the contraction: "he s not"
+    kind = rng.choices(["adjective", "comparative", "avoir", "age", "place", "verb"], [20, 10, 10, 5, 5, 50])[0]
+    if kind in ("adjective", "comparative"):
+        en_adj, (comparative, fr_forms) = rng.choice(list(ADJECTIVES.items()))
+        if kind == "comparative" and comparative:
+            en_pron, fr_pron = rng.choice(list(PRONOUNS.items()))
+            return f"{en_be} {comparative} than {en_pron} .", f"{french_subject_verb(fr_subj, ETRE[person], negative)} plus {fr_forms[agree]} que {fr_pron} ."
+        en_int, fr_int = rng.choice([("", "")] * 3 + list(INTENSIFIERS.items()))
+        return (re.sub(" +", " ", f"{en_be} {en_int} {en_adj} ."),
+                re.sub(" +", " ", f"{french_subject_verb(fr_subj, ETRE[person], negative)} {fr_int} {fr_forms[agree]} ."))
+    if kind == "avoir":
+        en_word, fr_word = rng.choice(list(AVOIR_EXPRESSIONS.items()))
+        very = rng.random() < 0.3
+        return f"{en_be} {'very ' if very else ''}{en_word} .", f"{french_subject_verb(fr_subj, AVOIR[person], negative)} {'tres ' if very else ''}{fr_word} ."
+    if kind == "age":
+        en_age, fr_age = rng.choice(list(AGES.items()))
+        return f"{en_be} {en_age} years old .", f"{french_subject_verb(fr_subj, AVOIR[person], negative)} {fr_age} ans ."
+    if kind == "place":
+        en_place, fr_place = rng.choice(list(PLACES.items()))
+        return f"{en_be} in the {en_place} .", f"{french_subject_verb(fr_subj, ETRE[person], negative)} dans {fr_place} ."
+    # "she is buying a small red car and two books" -> "elle achete une petite voiture rouge et deux livres"
+    verb_en, verb_fr = rng.choice(list(VERBS.items()))
+    (obj_en, obj_fr), and_en, and_fr = noun_phrase(rng), "", ""
+    if rng.random() < 0.5:  # a second object: more to carry, and a long way from the verb
+        second_en, second_fr = noun_phrase(rng)
+        and_en, and_fr = f" and {second_en}", f" et {second_fr}"
+    fr_verb = verb_fr.split()[person]
+    return f"{en_be} {verb_en} {obj_en}{and_en} .", f"{french_subject_verb(fr_subj, fr_verb, negative)} {obj_fr}{and_fr} ."
+
+
+def noun_phrase(rng):
+    """('a small red car', 'une petite voiture rouge'): the article and both adjectives agree
+    with the noun's gender and number; the colour moves behind the noun in French."""
+    det_en, (det_plural, det_m, det_f) = rng.choice(list(DETERMINERS.items()))
+    en_sg, en_pl, fr_sg, fr_pl, fem = rng.choice(NOUNS)
+    agree = (2 if det_plural else 0) + (1 if fem else 0)
+    words_en, words_fr = [det_en.rstrip("+")], [det_f if fem else det_m]
+    if rng.random() < 0.4:
+        adj_en, adj_fr = rng.choice(list(BEFORE_NOUN.items()))
+        words_en.append(adj_en)
+        words_fr.append(adj_fr[agree])
+    words_fr.append(fr_pl if det_plural else fr_sg)
+    if rng.random() < 0.5:
+        col_en, col_fr = rng.choice(list(COLOURS.items()))
+        words_en.append(col_en)
+        words_fr.append(col_fr[agree])
+    words_en.append(en_pl if det_plural else en_sg)
+    if words_en[0] == "a" and words_en[1][0] in "aeiou":
+        words_en[0] = "an"  # "an old car"
+    return " ".join(words_en), " ".join(words_fr)
+
+
+def builtin_pairs(n, seed, max_length):
+    """n distinct (English, French) pairs, deterministic for a seed, each side under max_length words."""
+    rng, pairs, seen = random.Random(seed), [], set()
+    for _ in range(50 * n):
+        en, fr = map(normalize, make_pair(rng))  # exactly what sample.py will make of typed input
+        if (en, fr) not in seen and len(en.split()) < max_length and len(fr.split()) < max_length:
+            seen.add((en, fr))  # distinct pairs: no pair can be in two splits
+            pairs.append((en, fr))
+            if len(pairs) == n:
+                break
+    return pairs
 
 
 # ----------------------------------------------------------------------------- main
@@ -688,7 +736,11 @@ def main():
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
+    parser.add_argument("--dry-run", action="store_true", help="two batches, one evaluation, a checkpoint: checks that every line runs, in seconds")
+    parser.error = lambda message: fail(f"{message} (see --help)")  # one line, not argparse's usage block
     args = parser.parse_args()
+    if args.dry_run:  # pytorch/examples' --dry-run: the whole script once, on the least data
+        args.epochs, args.pairs = 1, min(args.pairs, 1000)
     print("settings:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
     seed_everything(args.seed, args.deterministic)
     device = get_device(args.device)
@@ -746,7 +798,7 @@ def main():
             loss_sum += loss
             n_batches += 1
             seen += len(idx)
-            if args.time_limit and train_time + time.time() - t0 > args.time_limit:
+            if args.time_limit and train_time + time.time() - t0 > args.time_limit or args.dry_run and n_batches == 2:
                 break
         synchronize(device)  # the epoch's GPU work is done before the clock is read
         dt = time.time() - t0

@@ -51,7 +51,115 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
-# ----------------------------------------------------------------------------- MIDI in
+# ----------------------------------------------------------------------------- model
+
+
+def note_features(roll, voices):
+    """roll (B, T, 88, 2) -> (B, T, 88, F) floats. With `voices`, three more per key, all from the
+    notes alone: the top voice (the highest key sounding at the step), the bottom voice (the
+    lowest), and at a struck key how long the note is held, as log(1 + steps) / log(1 + T)."""
+    if not voices:
+        return roll.float()
+    struck, sounding = roll[..., 0].float(), roll[..., 1].float()  # (B, T, 88)
+    B, T, K = sounding.shape
+    key = torch.arange(K, device=roll.device)
+    any_sounding = sounding.amax(-1, keepdim=True)  # (B, T, 1)
+    top = (key == (sounding * (key + 1)).argmax(-1, keepdim=True)).float() * any_sounding  # highest sounding key
+    bottom = (key == (sounding * (K - key)).argmax(-1, keepdim=True)).float() * any_sounding  # lowest
+    # A note struck at t lasts until the first later step where its key is silent or struck again:
+    # the suffix minimum of those steps' indices (reversed cummin), minus t.
+    step = torch.arange(T, device=roll.device).view(1, T, 1).expand(B, T, K)
+    ends = torch.where((sounding == 0) | (struck == 1), step, T)  # (B, T, 88)
+    ends = torch.cat([ends[:, 1:], torch.full_like(ends[:, :1], T)], 1)  # only later steps count
+    first_end = ends.flip(1).cummin(1).values.flip(1)  # (B, T, 88) the first end after t
+    held = torch.log1p((first_end - step).float()) / math.log1p(T) * struck
+    return torch.stack([struck, sounding, top, bottom, held], -1)
+
+
+class Encoder(nn.Module):
+    """A linear layer over the note features of each step (88 keys x F), then a bidirectional LSTM."""
+
+    def __init__(self, hidden, layers, dropout, voices=False):
+        super().__init__()
+        self.voices = voices
+        self.inp = nn.Linear(KEYS * (5 if voices else 2), hidden)
+        self.lstm = nn.LSTM(hidden, hidden, layers, batch_first=True, bidirectional=True, dropout=dropout if layers > 1 else 0)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, roll):  # (B, T, 88, 2) in {0, 1}
+        x = self.drop(torch.relu(self.inp(note_features(roll, self.voices).flatten(2))))  # (B, T, H)
+        out, _ = rnn_fp32(self.lstm, x)  # in fp32 under bf16 autocast: see common.rnn_fp32
+        return self.drop(out)  # (B, T, 2H): each step sees the whole window, past and future
+
+
+class LuongDecoder(nn.Module):
+    """One style's decoder: an LSTM over the encoder states, Luong "general" attention over the
+    whole window (Luong, Pham and Manning 2015, sec. 3.1), 88 velocities per step."""
+
+    def __init__(self, hidden, dropout):
+        super().__init__()
+        self.lstm = nn.LSTM(2 * hidden, hidden, batch_first=True)
+        self.score = nn.Linear(2 * hidden, hidden, bias=False)  # W_a of score(h_t, h_s) = h_t^T W_a h_s
+        self.combine = nn.Linear(3 * hidden, hidden)  # W_c of h~_t = tanh(W_c [c_t; h_t])  (eq. 5)
+        self.out = nn.Linear(hidden, KEYS)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, enc, mask=None):  # enc (B, T, 2H), mask (B, T) True at real steps, None: all real
+        h, _ = rnn_fp32(self.lstm, enc)  # (B, T, H): one call over the whole window
+        scores = h @ self.score(enc).transpose(1, 2)  # (B, T, T): step t against every step s
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        context = scores.softmax(-1) @ enc  # (B, T, 2H)
+        h_tilde = torch.tanh(self.combine(torch.cat([context, h], -1)))  # (B, T, H)
+        return self.out(self.drop(h_tilde))  # logits (B, T, 88)
+
+
+class LinearHead(nn.Module):
+    """StyleNet's per-style output (Malik and Ek 2017): a linear layer on the encoder states."""
+
+    def __init__(self, hidden, dropout):
+        super().__init__()
+        self.out = nn.Linear(2 * hidden, KEYS)
+
+    def forward(self, enc, mask=None):
+        return self.out(enc)
+
+
+class ToneNet(nn.Module):
+    """A shared encoder and one head per style; model="stylenet" swaps the attention decoders
+    for linear heads. Velocities come out as sigmoid(logit) * 127."""
+
+    def __init__(self, styles, hidden=64, layers=2, dropout=0.2, model="tonenet", voices=False):
+        super().__init__()
+        self.encoder = Encoder(hidden, layers, dropout, voices)
+        head = LuongDecoder if model == "tonenet" else LinearHead
+        self.heads = nn.ModuleList(head(hidden, dropout) for _ in styles)
+
+    def forward(self, roll, style, mask=None):
+        """roll (B, T, 88, 2), style (B,) style index of each window, mask (B, T) real steps or None
+        -> velocity (B, T, 88) in 0..127."""
+        enc = self.encoder(roll)
+        logits = torch.empty(enc.shape[:2] + (KEYS,), device=enc.device, dtype=enc.dtype)
+        style = style.cpu()  # which window goes where is decided on the host: nonzero() of a GPU tensor waits for the GPU
+        for s, head in enumerate(self.heads):  # each style's windows go through that style's decoder
+            idx = (style == s).nonzero().squeeze(1)
+            if len(idx):
+                idx = idx.to(enc.device, non_blocking=True)
+                logits[idx] = head(enc[idx], None if mask is None else mask[idx]).to(logits.dtype)
+        return torch.sigmoid(logits.float()) * 127
+
+    def perform(self, roll, style_index, window, batch_size=64):
+        """Velocities (T, 88) for a whole piece (T, 88, 2) in one style, window by window."""
+        T = len(roll)
+        n = -(-T // window)  # windows, the last padded
+        x = F.pad(roll.float(), (0, 0, 0, 0, 0, n * window - T)).view(n, window, KEYS, 2)
+        mask = (torch.arange(n * window, device=roll.device) < T).view(n, window)  # attention ignores the padding
+        style = torch.full((n,), style_index)  # on the host, as forward() routes by it
+        out = [self(x[i:i + batch_size], style[i:i + batch_size], mask[i:i + batch_size]) for i in range(0, n, batch_size)]
+        return torch.cat(out).reshape(n * window, KEYS)[:T]
+
+
+# ----------------------------------------------------------------------------- data: MIDI in
 
 
 def open_midi(path):
@@ -166,6 +274,217 @@ def load_piece(path, steps_per_beat, pedal):
     return roll, velocity
 
 
+# ----------------------------------------------------------------------------- data: folders, splits, windows
+
+
+def folder_pieces(data, steps_per_beat, pedal):
+    """{style: [(name, roll, velocity), ...]} from DIR/<style>/*.mid; unreadable files are skipped."""
+    root = Path(data)
+    if not root.is_dir():
+        fail(f"--data {data} is not a folder: give a folder with one sub-folder of .mid files per style")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        fail(f"--data {data} has no style sub-folders: put each style's .mid files in DIR/<style>/")
+    out, t0 = {}, time.time()
+    for folder in folders:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".mid", ".midi"))
+        pieces = []
+        for path in files:
+            try:
+                roll, velocity = load_piece(path, steps_per_beat, pedal)
+                pieces.append((path.name, roll, velocity))
+            except ValueError as e:
+                print(f"warning: skipping {path}: {e}", file=sys.stderr)
+        if not pieces:
+            fail(f"style folder {folder} has no readable MIDI file with notes")
+        if len(pieces) < 3:
+            fail(f"style folder {folder} has only {len(pieces)} usable file(s): need at least 3 (train, validation, test)")
+        out[folder.name] = pieces
+    print(f"read {sum(map(len, out.values()))} MIDI files in {time.time() - t0:.1f}s: "
+          + ", ".join(f"{s} {len(p)}" for s, p in out.items()))
+    return out
+
+
+# ASAP names a performance Composer_Work_..._Performer.mid, the performer a capitalised name and a
+# number (Giesbrecht01M, FALIKS01_2004): two performances of one piece differ only in that tag.
+PERFORMER = re.compile(r"_[A-Z][A-Za-z-]*\d+M?(_\d{4})?$")
+
+
+def piece_of(name):
+    """The piece a file performs: its name without ASAP's performer tag (any other file is a piece of its own)."""
+    return PERFORMER.sub("", Path(name).stem)
+
+
+def split_files(pieces, val_frac, test_frac, seed):
+    """Split each style by piece (seeded): every performance of a piece falls in one split, so no
+    test piece was heard in training, played by someone else."""
+    splits = {"train": {}, "val": {}, "test": {}}
+    for style, items in pieces.items():
+        groups = {}
+        for item in items:
+            groups.setdefault(piece_of(item[0]), []).append(item)
+        order = sorted(groups)
+        if len(order) < 3:
+            fail(f"style {style} has {len(order)} piece(s) (performances of one piece count once): need at least 3 (train, validation, test)")
+        random.Random(seed).shuffle(order)
+        n_test = max(1, round(test_frac * len(order)))
+        n_val = max(1, round(val_frac * len(order)))
+        for name, chosen in (("test", order[:n_test]), ("val", order[n_test:n_test + n_val]), ("train", order[n_test + n_val:])):
+            splits[name][style] = [item for piece in chosen for item in groups[piece]]
+    return splits
+
+
+def windows(items, window, stride):
+    """Cut pieces into windows of `window` steps every `stride` steps, the last one of each piece
+    padded with silence (nothing struck, so no loss): roll (N, W, 88, 2) and velocity (N, W, 88), uint8."""
+    rolls, vels = [], []
+    for _, roll, vel in items:
+        T = len(roll)
+        for start in range(0, max(T - window, 0) + stride, stride):  # the last start reaches the piece's end
+            n = min(window, T - start)
+            rolls.append(np.pad(roll[start:start + n], ((0, window - n), (0, 0), (0, 0))))
+            vels.append(np.pad(vel[start:start + n], ((0, window - n), (0, 0))))
+    return torch.from_numpy(np.stack(rolls)), torch.from_numpy(np.stack(vels))
+
+
+def shift_keys(roll, target, shift):
+    """Move a batch (B, T, 88, 2) and its velocities (B, T, 88) by `shift` keys; keys pushed off
+    the keyboard are dropped, so nothing wraps around."""
+    if shift == 0:
+        return roll, target
+    roll, target = roll.roll(shift, 2), target.roll(shift, 2)
+    gone = slice(0, shift) if shift > 0 else slice(KEYS + shift, KEYS)
+    roll[:, :, gone] = 0
+    target[:, :, gone] = 0
+    return roll, target
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_step(model, optimizer, scaler, x, target, style, clip, amp_dtype, loss_kind="mse"):
+    """One update: x (B, T, 88, 2) the notes, target (B, T, 88) velocities / 127, style (B,) on the
+    host. Returns the loss, left on the device (reading it would make the CPU wait for the GPU)."""
+    struck = x[..., 0]  # (B, T, 88) 1 where a key is struck: only struck keys have a velocity
+    with autocast(x.device, amp_dtype):
+        pred = model(x, style) / 127
+    # the error over the struck keys, as a masked sum (pred[struck] would wait for the GPU to count them):
+    # squared (ToneNet's), or absolute, the error the evaluation reports (its minimiser is the median)
+    error = (pred - target) ** 2 if loss_kind == "mse" else (pred - target).abs()
+    loss = (error * struck).sum() / struck.sum().clamp_min(1)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # with the scaler off (fp32, bf16) these are plain backward() ...
+    scaler.unscale_(optimizer)  # fp16: true gradients before clipping
+    nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+    scaler.step(optimizer)  # ... and step()
+    scaler.update()
+    return loss.detach()
+
+
+def train_epoch(model, optimizer, scaler, data, generator, batch_size, transpose, clip, amp_dtype,
+                loss_kind="mse", lr_at=None, stop=lambda n: False):
+    """One pass over the training windows in a new order, all styles shuffled together. data:
+    roll (N, W, 88, 2) and velocities (N, W, 88) uint8 on the device, style (N,) on the host.
+    lr_at(n): the learning rate before batch n, if it follows a schedule; stop(n): end early.
+    Returns the summed loss, left on the device, and the number of batches."""
+    roll, vel, style_of = data
+    loss_sum, n = torch.zeros((), device=roll.device), 0
+    for idx in torch.randperm(len(roll), generator=generator).split(batch_size):
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(n)
+        rows = idx.to(roll.device, non_blocking=True)
+        x, target = roll[rows].float(), vel[rows].float() / 127
+        if transpose:  # augmentation: the same performance a few keys higher or lower
+            x, target = shift_keys(x, target, int(torch.randint(-transpose, transpose + 1, (), generator=generator)))
+        loss_sum += train_step(model, optimizer, scaler, x, target, style_of[idx], clip, amp_dtype, loss_kind)
+        n += 1
+        if stop(n):
+            break
+    return loss_sum, n
+
+
+def save_checkpoint(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device):
+    """A tonenet checkpoint and its model, or one line saying what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"no checkpoint at {path}: run python tonenet/train.py first")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "tonenet":
+        fail(f"{path} is not a tonenet checkpoint (it was written by another script): train one with python tonenet/train.py")
+    model = ToneNet(**ckpt["model_args"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    return ckpt, model.eval()
+
+
+# -------------------------------------------------------------------------- evaluation, and the level control
+
+
+def pearson(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-9))
+
+
+@torch.inference_mode()
+def evaluate(model, split, styles, window, device, train_means):
+    """Per style, over every struck note of the split's files: the model's MAE (MIDI units) and
+    Pearson correlation; the model's MAE with each file's level given (its predictions shifted so
+    their mean is the file's true mean: the shape of the dynamics alone); and three baselines on
+    the same notes: a constant 64, the style's mean training velocity, and each file's own mean
+    velocity (an oracle told each file's loudness)."""
+    model.eval()
+    report = {}
+    for s, style in enumerate(styles):
+        preds, trues, file_means, leveled = [], [], [], []
+        for _, roll, vel in split[style]:
+            roll_t = torch.from_numpy(roll).to(device)
+            vel_t = torch.from_numpy(vel).to(device).float()
+            struck = roll_t[..., 0].bool()
+            pred, true = model.perform(roll_t.float(), s, window)[struck], vel_t[struck]
+            preds.append(pred)
+            trues.append(true)
+            file_means.append(true.mean().expand(len(true)))
+            leveled.append(pred - pred.mean() + true.mean())
+        p, t, fm, lv = torch.cat(preds), torch.cat(trues), torch.cat(file_means), torch.cat(leveled)
+        report[style] = dict(mae=float((p - t).abs().mean()), corr=pearson(p, t), level_mae=float((lv - t).abs().mean()),
+                             notes=len(t), files=len(split[style]), pieces=len({piece_of(name) for name, _, _ in split[style]}),
+                             const64=float((t - 64).abs().mean()), style_mean=float((t - train_means[style]).abs().mean()),
+                             file_mean=float((t - fm).abs().mean()))
+    model.train()
+    return report
+
+
+def set_level(velocity, level):
+    """Velocities (N,) float shifted by one constant so that, rounded and clamped to 1-127 as they
+    are written, their mean is `level`: the shift is found by bisection, because clamping at the
+    ends pulls a plain shift's mean off. The shape of the dynamics is kept."""
+    lo, hi = -127.0, 127.0
+    for _ in range(40):
+        shift = (lo + hi) / 2
+        if float((velocity + shift).round().clamp(1, 127).mean()) < level:
+            lo = shift
+        else:
+            hi = shift
+    return (velocity + hi).round().clamp(1, 127)
+
+
+def is_performance(velocity):
+    """True when a file's velocities vary (a performance); False for a score at one or two
+    velocities (sd under 2 MIDI units), whose mean says nothing about how loud it should be."""
+    return len(velocity) > 1 and float(np.std(velocity)) >= 2
+
+
 # ----------------------------------------------------------------------------- built-in pieces
 # The script composes small piano pieces (a melody over an accompaniment, in varied keys, meters
 # and textures) and performs each in one of two styles by rules that depend on the notes alone:
@@ -176,9 +495,16 @@ def load_piece(path, steps_per_beat, pedal):
 #            (32); the bass on a downbeat is 84.
 # Both add Gaussian noise (sd 3), so the best possible MAE is about 2.4.
 
+
 STYLES = ("lyrical", "groove")
+
+
 MAJOR, MINOR = (0, 2, 4, 5, 7, 9, 11), (0, 2, 3, 5, 7, 8, 10)
+
+
 PROGRESSIONS = ([0, 3, 4, 0], [0, 5, 3, 4], [0, 3, 0, 4], [5, 3, 0, 4], [0, 4, 5, 3])  # scale degrees, one chord a bar
+
+
 RHYTHMS = {16: ([4, 4, 4, 4], [4, 2, 2, 4, 4], [2, 2, 2, 2, 4, 4], [6, 2, 4, 4], [4, 4, 2, 2, 2, 2], [8, 4, 4]),  # 4/4, in sixteenths
            12: ([4, 4, 4], [4, 2, 2, 4], [6, 2, 4], [2, 2, 4, 4], [8, 4])}  # 3/4
 
@@ -286,302 +612,6 @@ def builtin_pieces(n, seed, steps_per_beat):
     return out
 
 
-def folder_pieces(data, steps_per_beat, pedal):
-    """{style: [(name, roll, velocity), ...]} from DIR/<style>/*.mid; unreadable files are skipped."""
-    root = Path(data)
-    if not root.is_dir():
-        fail(f"--data {data} is not a folder: give a folder with one sub-folder of .mid files per style")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        fail(f"--data {data} has no style sub-folders: put each style's .mid files in DIR/<style>/")
-    out, t0 = {}, time.time()
-    for folder in folders:
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".mid", ".midi"))
-        pieces = []
-        for path in files:
-            try:
-                roll, velocity = load_piece(path, steps_per_beat, pedal)
-                pieces.append((path.name, roll, velocity))
-            except ValueError as e:
-                print(f"warning: skipping {path}: {e}", file=sys.stderr)
-        if not pieces:
-            fail(f"style folder {folder} has no readable MIDI file with notes")
-        if len(pieces) < 3:
-            fail(f"style folder {folder} has only {len(pieces)} usable file(s): need at least 3 (train, validation, test)")
-        out[folder.name] = pieces
-    print(f"read {sum(map(len, out.values()))} MIDI files in {time.time() - t0:.1f}s: "
-          + ", ".join(f"{s} {len(p)}" for s, p in out.items()))
-    return out
-
-
-# ASAP names a performance Composer_Work_..._Performer.mid, the performer a capitalised name and a
-# number (Giesbrecht01M, FALIKS01_2004): two performances of one piece differ only in that tag.
-PERFORMER = re.compile(r"_[A-Z][A-Za-z-]*\d+M?(_\d{4})?$")
-
-
-def piece_of(name):
-    """The piece a file performs: its name without ASAP's performer tag (any other file is a piece of its own)."""
-    return PERFORMER.sub("", Path(name).stem)
-
-
-def split_files(pieces, val_frac, test_frac, seed):
-    """Split each style by piece (seeded): every performance of a piece falls in one split, so no
-    test piece was heard in training, played by someone else."""
-    splits = {"train": {}, "val": {}, "test": {}}
-    for style, items in pieces.items():
-        groups = {}
-        for item in items:
-            groups.setdefault(piece_of(item[0]), []).append(item)
-        order = sorted(groups)
-        if len(order) < 3:
-            fail(f"style {style} has {len(order)} piece(s) (performances of one piece count once): need at least 3 (train, validation, test)")
-        random.Random(seed).shuffle(order)
-        n_test = max(1, round(test_frac * len(order)))
-        n_val = max(1, round(val_frac * len(order)))
-        for name, chosen in (("test", order[:n_test]), ("val", order[n_test:n_test + n_val]), ("train", order[n_test + n_val:])):
-            splits[name][style] = [item for piece in chosen for item in groups[piece]]
-    return splits
-
-
-def windows(items, window, stride):
-    """Cut pieces into windows of `window` steps every `stride` steps, the last one of each piece
-    padded with silence (nothing struck, so no loss): roll (N, W, 88, 2) and velocity (N, W, 88), uint8."""
-    rolls, vels = [], []
-    for _, roll, vel in items:
-        T = len(roll)
-        for start in range(0, max(T - window, 0) + stride, stride):  # the last start reaches the piece's end
-            n = min(window, T - start)
-            rolls.append(np.pad(roll[start:start + n], ((0, window - n), (0, 0), (0, 0))))
-            vels.append(np.pad(vel[start:start + n], ((0, window - n), (0, 0))))
-    return torch.from_numpy(np.stack(rolls)), torch.from_numpy(np.stack(vels))
-
-
-def shift_keys(roll, target, shift):
-    """Move a batch (B, T, 88, 2) and its velocities (B, T, 88) by `shift` keys; keys pushed off
-    the keyboard are dropped, so nothing wraps around."""
-    if shift == 0:
-        return roll, target
-    roll, target = roll.roll(shift, 2), target.roll(shift, 2)
-    gone = slice(0, shift) if shift > 0 else slice(KEYS + shift, KEYS)
-    roll[:, :, gone] = 0
-    target[:, :, gone] = 0
-    return roll, target
-
-
-# ----------------------------------------------------------------------------- model
-
-
-def note_features(roll, voices):
-    """roll (B, T, 88, 2) -> (B, T, 88, F) floats. With `voices`, three more per key, all from the
-    notes alone: the top voice (the highest key sounding at the step), the bottom voice (the
-    lowest), and at a struck key how long the note is held, as log(1 + steps) / log(1 + T)."""
-    if not voices:
-        return roll.float()
-    struck, sounding = roll[..., 0].float(), roll[..., 1].float()  # (B, T, 88)
-    B, T, K = sounding.shape
-    key = torch.arange(K, device=roll.device)
-    any_sounding = sounding.amax(-1, keepdim=True)  # (B, T, 1)
-    top = (key == (sounding * (key + 1)).argmax(-1, keepdim=True)).float() * any_sounding  # highest sounding key
-    bottom = (key == (sounding * (K - key)).argmax(-1, keepdim=True)).float() * any_sounding  # lowest
-    # A note struck at t lasts until the first later step where its key is silent or struck again:
-    # the suffix minimum of those steps' indices (reversed cummin), minus t.
-    step = torch.arange(T, device=roll.device).view(1, T, 1).expand(B, T, K)
-    ends = torch.where((sounding == 0) | (struck == 1), step, T)  # (B, T, 88)
-    ends = torch.cat([ends[:, 1:], torch.full_like(ends[:, :1], T)], 1)  # only later steps count
-    first_end = ends.flip(1).cummin(1).values.flip(1)  # (B, T, 88) the first end after t
-    held = torch.log1p((first_end - step).float()) / math.log1p(T) * struck
-    return torch.stack([struck, sounding, top, bottom, held], -1)
-
-
-class Encoder(nn.Module):
-    """A linear layer over the note features of each step (88 keys x F), then a bidirectional LSTM."""
-
-    def __init__(self, hidden, layers, dropout, voices=False):
-        super().__init__()
-        self.voices = voices
-        self.inp = nn.Linear(KEYS * (5 if voices else 2), hidden)
-        self.lstm = nn.LSTM(hidden, hidden, layers, batch_first=True, bidirectional=True, dropout=dropout if layers > 1 else 0)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, roll):  # (B, T, 88, 2) in {0, 1}
-        x = self.drop(torch.relu(self.inp(note_features(roll, self.voices).flatten(2))))  # (B, T, H)
-        out, _ = rnn_fp32(self.lstm, x)  # in fp32 under bf16 autocast: see common.rnn_fp32
-        return self.drop(out)  # (B, T, 2H): each step sees the whole window, past and future
-
-
-class LuongDecoder(nn.Module):
-    """One style's decoder: an LSTM over the encoder states, Luong "general" attention over the
-    whole window (Luong, Pham and Manning 2015, sec. 3.1), 88 velocities per step."""
-
-    def __init__(self, hidden, dropout):
-        super().__init__()
-        self.lstm = nn.LSTM(2 * hidden, hidden, batch_first=True)
-        self.score = nn.Linear(2 * hidden, hidden, bias=False)  # W_a of score(h_t, h_s) = h_t^T W_a h_s
-        self.combine = nn.Linear(3 * hidden, hidden)  # W_c of h~_t = tanh(W_c [c_t; h_t])  (eq. 5)
-        self.out = nn.Linear(hidden, KEYS)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, enc, mask=None):  # enc (B, T, 2H), mask (B, T) True at real steps, None: all real
-        h, _ = rnn_fp32(self.lstm, enc)  # (B, T, H): one call over the whole window
-        scores = h @ self.score(enc).transpose(1, 2)  # (B, T, T): step t against every step s
-        if mask is not None:
-            scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-        context = scores.softmax(-1) @ enc  # (B, T, 2H)
-        h_tilde = torch.tanh(self.combine(torch.cat([context, h], -1)))  # (B, T, H)
-        return self.out(self.drop(h_tilde))  # logits (B, T, 88)
-
-
-class LinearHead(nn.Module):
-    """StyleNet's per-style output (Malik and Ek 2017): a linear layer on the encoder states."""
-
-    def __init__(self, hidden, dropout):
-        super().__init__()
-        self.out = nn.Linear(2 * hidden, KEYS)
-
-    def forward(self, enc, mask=None):
-        return self.out(enc)
-
-
-class ToneNet(nn.Module):
-    """A shared encoder and one head per style; model="stylenet" swaps the attention decoders
-    for linear heads. Velocities come out as sigmoid(logit) * 127."""
-
-    def __init__(self, styles, hidden=64, layers=2, dropout=0.2, model="tonenet", voices=False):
-        super().__init__()
-        self.encoder = Encoder(hidden, layers, dropout, voices)
-        head = LuongDecoder if model == "tonenet" else LinearHead
-        self.heads = nn.ModuleList(head(hidden, dropout) for _ in styles)
-
-    def forward(self, roll, style, mask=None):
-        """roll (B, T, 88, 2), style (B,) style index of each window, mask (B, T) real steps or None
-        -> velocity (B, T, 88) in 0..127."""
-        enc = self.encoder(roll)
-        logits = torch.empty(enc.shape[:2] + (KEYS,), device=enc.device, dtype=enc.dtype)
-        style = style.cpu()  # which window goes where is decided on the host: nonzero() of a GPU tensor waits for the GPU
-        for s, head in enumerate(self.heads):  # each style's windows go through that style's decoder
-            idx = (style == s).nonzero().squeeze(1)
-            if len(idx):
-                idx = idx.to(enc.device, non_blocking=True)
-                logits[idx] = head(enc[idx], None if mask is None else mask[idx]).to(logits.dtype)
-        return torch.sigmoid(logits.float()) * 127
-
-    def perform(self, roll, style_index, window, batch_size=64):
-        """Velocities (T, 88) for a whole piece (T, 88, 2) in one style, window by window."""
-        T = len(roll)
-        n = -(-T // window)  # windows, the last padded
-        x = F.pad(roll.float(), (0, 0, 0, 0, 0, n * window - T)).view(n, window, KEYS, 2)
-        mask = (torch.arange(n * window, device=roll.device) < T).view(n, window)  # attention ignores the padding
-        style = torch.full((n,), style_index)  # on the host, as forward() routes by it
-        out = [self(x[i:i + batch_size], style[i:i + batch_size], mask[i:i + batch_size]) for i in range(0, n, batch_size)]
-        return torch.cat(out).reshape(n * window, KEYS)[:T]
-
-
-# ----------------------------------------------------------------------------- training
-
-
-def train_step(model, optimizer, scaler, x, target, style, clip, amp_dtype, loss_kind="mse"):
-    """One update: x (B, T, 88, 2) the notes, target (B, T, 88) velocities / 127, style (B,) on the
-    host. Returns the loss, left on the device (reading it would make the CPU wait for the GPU)."""
-    struck = x[..., 0]  # (B, T, 88) 1 where a key is struck: only struck keys have a velocity
-    with autocast(x.device, amp_dtype):
-        pred = model(x, style) / 127
-    # the error over the struck keys, as a masked sum (pred[struck] would wait for the GPU to count them):
-    # squared (ToneNet's), or absolute, the error the evaluation reports (its minimiser is the median)
-    error = (pred - target) ** 2 if loss_kind == "mse" else (pred - target).abs()
-    loss = (error * struck).sum() / struck.sum().clamp_min(1)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # with the scaler off (fp32, bf16) these are plain backward() ...
-    scaler.unscale_(optimizer)  # fp16: true gradients before clipping
-    nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
-    scaler.step(optimizer)  # ... and step()
-    scaler.update()
-    return loss.detach()
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def pearson(a, b):
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-9))
-
-
-@torch.inference_mode()
-def evaluate(model, split, styles, window, device, train_means):
-    """Per style, over every struck note of the split's files: the model's MAE (MIDI units) and
-    Pearson correlation; the model's MAE with each file's level given (its predictions shifted so
-    their mean is the file's true mean: the shape of the dynamics alone); and three baselines on
-    the same notes: a constant 64, the style's mean training velocity, and each file's own mean
-    velocity (an oracle told each file's loudness)."""
-    model.eval()
-    report = {}
-    for s, style in enumerate(styles):
-        preds, trues, file_means, leveled = [], [], [], []
-        for _, roll, vel in split[style]:
-            roll_t = torch.from_numpy(roll).to(device)
-            vel_t = torch.from_numpy(vel).to(device).float()
-            struck = roll_t[..., 0].bool()
-            pred, true = model.perform(roll_t.float(), s, window)[struck], vel_t[struck]
-            preds.append(pred)
-            trues.append(true)
-            file_means.append(true.mean().expand(len(true)))
-            leveled.append(pred - pred.mean() + true.mean())
-        p, t, fm, lv = torch.cat(preds), torch.cat(trues), torch.cat(file_means), torch.cat(leveled)
-        report[style] = dict(mae=float((p - t).abs().mean()), corr=pearson(p, t), level_mae=float((lv - t).abs().mean()),
-                             notes=len(t), files=len(split[style]), pieces=len({piece_of(name) for name, _, _ in split[style]}),
-                             const64=float((t - 64).abs().mean()), style_mean=float((t - train_means[style]).abs().mean()),
-                             file_mean=float((t - fm).abs().mean()))
-    model.train()
-    return report
-
-
-def set_level(velocity, level):
-    """Velocities (N,) float shifted by one constant so that, rounded and clamped to 1-127 as they
-    are written, their mean is `level`: the shift is found by bisection, because clamping at the
-    ends pulls a plain shift's mean off. The shape of the dynamics is kept."""
-    lo, hi = -127.0, 127.0
-    for _ in range(40):
-        shift = (lo + hi) / 2
-        if float((velocity + shift).round().clamp(1, 127).mean()) < level:
-            lo = shift
-        else:
-            hi = shift
-    return (velocity + hi).round().clamp(1, 127)
-
-
-def is_performance(velocity):
-    """True when a file's velocities vary (a performance); False for a score at one or two
-    velocities (sd under 2 MIDI units), whose mean says nothing about how loud it should be."""
-    return len(velocity) > 1 and float(np.std(velocity)) >= 2
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, device):
-    """A tonenet checkpoint and its model, or one line saying what is wrong with the file."""
-    path = Path(path)
-    if not path.is_file():
-        fail(f"no checkpoint at {path}: run python tonenet/train.py first")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        fail(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "tonenet":
-        fail(f"{path} is not a tonenet checkpoint (it was written by another script): train one with python tonenet/train.py")
-    model = ToneNet(**ckpt["model_args"]).to(device)
-    model.load_state_dict(ckpt["model"])
-    return ckpt, model.eval()
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -613,7 +643,11 @@ def main():
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision (the LSTMs stay in fp32 under bf16); auto: bf16 on GPUs from Ampere on, fp16 with a GradScaler on older GPUs (a T4), fp32 on CPUs and MPS (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
+    parser.add_argument("--dry-run", action="store_true", help="two batches, one evaluation, a checkpoint: checks that every line runs, in seconds")
+    parser.error = lambda message: fail(f"{message} (see --help)")  # one line, not argparse's usage block
     args = parser.parse_args()
+    if args.dry_run:  # pytorch/examples' --dry-run: the whole script once, on the least data
+        args.epochs, args.pieces = 1, min(args.pieces, 10)
     print("settings:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
     seed_everything(args.seed, args.deterministic)
     device = get_device(args.device)
@@ -656,22 +690,21 @@ def main():
     out, best, train_time, seen = Path(args.out), float("inf"), 0.0, 0
     generator = torch.Generator().manual_seed(args.seed)
     batches_per_epoch = -(-len(roll) // args.batch_size)
+
+    def lr_at(n):
+        """Cosine decay from lr to lr/10 over the run: of the seconds with --time-limit, else of the batches."""
+        p = (train_time + time.time() - t0) / args.time_limit if args.time_limit else (epoch - 1 + n / batches_per_epoch) / args.epochs
+        return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(p, 1.0))))
+
+    def out_of_time(n):
+        return args.time_limit and train_time + time.time() - t0 > args.time_limit or args.dry_run and n == 2
+
     for epoch in range(1, args.epochs + 1):
-        t0, loss_sum, n_batches = time.time(), torch.zeros((), device=device), 0
-        for idx in torch.randperm(len(roll), generator=generator).split(args.batch_size):  # all styles' windows shuffled together
-            if args.lr_decay:  # cosine from lr down to lr/10 over the run: of the seconds with --time-limit, else of the batches
-                p = (train_time + time.time() - t0) / args.time_limit if args.time_limit else (epoch - 1 + n_batches / batches_per_epoch) / args.epochs
-                for group in optimizer.param_groups:
-                    group["lr"] = args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(p, 1.0))))
-            rows = idx.to(device, non_blocking=True)
-            x, target = roll[rows].float(), vel[rows].float() / 127
-            if args.transpose:  # augmentation: the same performance a few keys higher or lower
-                x, target = shift_keys(x, target, int(torch.randint(-args.transpose, args.transpose + 1, (), generator=generator)))
-            loss_sum += train_step(model, optimizer, scaler, x, target, style_of[idx], args.clip, amp_dtype, args.loss)  # on the device
-            n_batches += 1
-            seen += len(idx)
-            if args.time_limit and train_time + time.time() - t0 > args.time_limit:
-                break
+        t0 = time.time()
+        loss_sum, n_batches = train_epoch(model, optimizer, scaler, (roll, vel, style_of), generator, args.batch_size,
+                                          args.transpose, args.clip, amp_dtype, args.loss,
+                                          lr_at if args.lr_decay else None, out_of_time)
+        seen += min(n_batches * args.batch_size, len(roll))  # only the last batch is short
         synchronize(device)  # the epoch's GPU work is done before the clock is read
         dt = time.time() - t0
         train_time += dt

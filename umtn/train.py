@@ -51,140 +51,6 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
-# ----------------------------------------------------------------------------- audio in and out
-
-
-def read_wav(path, rate):
-    """Any common WAV (8/16/24/32-bit integer, 32/64-bit float, mono or stereo, any rate) as
-    float32 mono in [-1, 1] at `rate`; ValueError with the reason when it cannot be used."""
-    try:
-        file_rate, x = wavfile.read(path)
-    except Exception as e:  # scipy raises ValueError, EOFError, struct.error... on bad files
-        raise ValueError(f"not a readable WAV file ({type(e).__name__}: {str(e)[:60]})") from None
-    if x.dtype == np.uint8:  # 8-bit WAV is unsigned, centred on 128
-        x = (x.astype(np.float32) - 128) / 128
-    elif x.dtype.kind == "i":  # 16-bit; 24-bit arrives left-justified in int32, as 32-bit does
-        x = x.astype(np.float32) / float(2 ** (8 * x.dtype.itemsize - 1))
-    else:
-        x = x.astype(np.float32)
-    if x.ndim == 2:
-        x = x.mean(1)  # mix to mono
-    if len(x) == 0:
-        raise ValueError("empty (no samples)")
-    if np.abs(x).max() < 1e-4:
-        raise ValueError("silent")
-    if file_rate != rate:
-        g = math.gcd(file_rate, rate)
-        x = resample_poly(x, rate // g, file_rate // g).astype(np.float32)  # polyphase, with an anti-alias filter
-    return np.clip(x, -1, 1)
-
-
-def write_wav(path, x, rate):
-    """16-bit PCM, written to a temporary file and renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    wavfile.write(tmp, rate, (np.clip(np.asarray(x, np.float32), -1, 1) * 32767).astype(np.int16))
-    os.replace(tmp, path)
-
-
-def mu_law_encode(x):
-    """[-1, 1] -> classes 0..255 (ITU-T G.711 mu-law, mu = 255): finer steps near silence."""
-    y = torch.sign(x) * torch.log1p(MU * x.abs()) / math.log1p(MU)
-    return ((y + 1) / 2 * MU + 0.5).long().clamp(0, MU)
-
-
-def mu_law_decode(q):
-    """Classes 0..255 -> [-1, 1], the inverse of mu_law_encode up to its quantisation."""
-    y = 2 * q.float() / MU - 1
-    return torch.sign(y) * ((1 + MU) ** y.abs() - 1) / MU
-
-
-# ----------------------------------------------------------------------------- built-in instruments
-# Three timbres play the same melodies, so the true translation of every input is known:
-#   pluck: a Karplus-Strong string (its plucked shape circulating in a damped delay loop): bright
-#          attack, then a decay in which the high partials die first;
-#   organ: additive partials 1, 2, 4 and 8 (octaves) at a steady level with a quick attack;
-#   reed:  odd partials 1, 3, 5, 7 (a closed pipe, as a clarinet) with a slow swell.
-
-
-def melody(rng, seconds, rate):
-    """A random tune in a pentatonic scale: [(start sample, length in samples, MIDI note)].
-    Notes C2-C4 (65-262 Hz): at 4 kHz a period then lasts 15 samples or more. A decoder that runs
-    free tends to lock onto a whole number of samples per period; at higher notes (7.6 samples for
-    C5) that alone put its output a semitone off."""
-    notes, t, key = [], 0, rng.randrange(36, 42)
-    pitch = key + 12
-    while t < seconds * rate:
-        length = int(rate * rng.choice([0.125, 0.25, 0.25, 0.375, 0.5]))
-        pitch = min(key + 19, max(key, pitch + rng.choice([-5, -3, -2, 0, 2, 3, 5])))
-        pitch = key + min(range(0, 20), key=lambda s: abs(s - (pitch - key)) if s % 12 in (0, 2, 4, 7, 9) else 99)
-        notes.append((t, length, pitch))
-        t += length
-    return notes
-
-
-def render(notes, domain, seconds, rate):
-    """Render a melody in one instrument: float32 (seconds * rate,) in [-1, 1]."""
-    out = np.zeros(int(seconds * rate) + rate, np.float32)
-    for start, length, pitch in notes:
-        f0 = 440.0 * 2 ** ((pitch - 69) / 12)
-        t = np.arange(length) / rate
-        if domain == "pluck":  # Karplus and Strong (1983), run at 4x the rate for an exact enough pitch;
-            # the loop starts from the string's plucked shape, not from noise, so every note of a pitch
-            # sounds the same (Jaffe and Smith 1983) and the timbre can be learnt
-            up = 4
-            delay = rate * up / f0
-            n = max(2, int(round(delay - 0.5)))  # the loop's two-tap average adds half a sample of delay
-            gain = 0.5 * 10 ** (-3 / (f0 * 1.5))  # per period, so that every string dies away 60 dB in 1.5 s
-            a = np.zeros(n + 2)
-            a[0], a[n], a[n + 1] = 1.0, -gain, -gain  # y[t] = x[t] + gain (y[t-n] + y[t-n-1]): a damped string
-            u = np.arange(n) / n
-            shape = np.where(u < 0.3, u / 0.3, (1 - u) / 0.7)  # the string's shape when plucked at 30% of its length
-            pluck = np.zeros(length * up)
-            pluck[:n] = shape - shape.mean()
-            tone = resample_poly(lfilter([1.0], a, pluck), 1, up)[:length]
-            tone *= 0.6 / max(1e-9, np.abs(tone).max())  # every note starts at the same level as the other instruments
-        elif domain == "organ":
-            tone = sum(w * np.sin(2 * np.pi * k * f0 * t) for k, w in ((1, 0.5), (2, 0.35), (4, 0.2), (8, 0.1)) if k * f0 < rate / 2)
-            tone *= np.minimum(1, t / 0.01) * np.minimum(1, (length / rate - t) / 0.01)
-        else:  # reed
-            tone = sum(w * np.sin(2 * np.pi * k * f0 * t) for k, w in ((1, 0.5), (3, 0.3), (5, 0.18), (7, 0.1)) if k * f0 < rate / 2)
-            tone *= np.minimum(1, t / 0.06) * np.minimum(1, (length / rate - t) / 0.02)
-        out[start:start + length] += tone.astype(np.float32)
-    return np.clip(out[: int(seconds * rate)], -1, 1)
-
-
-def builtin_audio(n_melodies, seconds, rate, seed):
-    """({domain: [clip, ...]}, [notes, ...]): clip i of every domain plays melody i, whose notes
-    (the score) are returned too."""
-    rng = random.Random(seed)
-    tunes = [melody(rng, seconds, rate) for _ in range(n_melodies)]
-    return {d: [render(m, d, seconds, rate) for m in tunes] for d in DOMAINS}, tunes
-
-
-def folder_audio(data, rate):
-    """{domain: [clip, ...]} from DIR/<domain>/*.wav; unreadable files are skipped with a warning."""
-    root = Path(data)
-    if not root.is_dir():
-        fail(f"--data {data} is not a folder: give a folder with one sub-folder of .wav files per domain")
-    out = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        clips = []
-        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() == ".wav"):
-            try:
-                clips.append(read_wav(path, rate))
-            except ValueError as e:
-                print(f"warning: skipping {path}: {e}", file=sys.stderr)
-        if len(clips) >= 2:
-            out[folder.name] = clips
-        else:
-            print(f"warning: skipping domain {folder.name}: it needs at least 2 readable .wav files (train and test)", file=sys.stderr)
-    if len(out) < 2:
-        fail(f"--data {data} has {len(out)} usable domain(s): need at least 2 sub-folders of .wav files")
-    return out
-
-
 # ----------------------------------------------------------------------------- model
 
 
@@ -299,61 +165,6 @@ class UMTN(nn.Module):
             logits = decoder(prev[idx], z[idx])  # (b, T, 256)
             loss = loss + F.cross_entropy(logits.flatten(0, 1).float(), target[idx].flatten(), reduction="sum")
         return loss / target.numel(), z
-
-
-def augment(audio, generator):
-    """Pitch augmentation (Mor et al. sec. 3.3): a random 1/4 to 1/2 of each segment is shifted by
-    up to +-0.5 semitone, so the encoder cannot memorise exact pitch and timbre. The shift is a
-    resampling: `span` = n * ratio samples of the input are played in n samples, which multiplies
-    every frequency by the ratio and leaves no gap. audio (B, T) on any device; the random choices
-    are drawn on the host from `generator`, the resampling is done for the whole batch at once as
-    linear interpolation (F.interpolate's, align_corners=False)."""
-    B, T = audio.shape
-    u = torch.rand(B, 3, generator=generator, dtype=torch.float64)
-    n = (T * (0.25 + 0.25 * u[:, 0])).long()  # (B,) samples shifted
-    span = (n * 2 ** ((u[:, 1] - 0.5) / 12)).round().long().clamp(max=T)  # (B,) samples of input they play
-    start = (u[:, 2] * (T - torch.maximum(n, span) + 1)).long()
-    n, span, start = (v.to(audio.device, non_blocking=True)[:, None] for v in (n, span, start))
-    j = torch.arange(T, device=audio.device)[None] - start  # (B, T) position inside the shifted part
-    src = ((j + 0.5) * (span / n) - 0.5).clamp(min=0)  # where in the input each output sample lies
-    i0 = src.long().clamp(max=span - 1)
-    frac = (src - i0).to(audio.dtype)
-    i1 = (i0 + 1).clamp(max=span - 1)
-    at = lambda i: audio.gather(1, (start + i).clamp(0, T - 1))
-    shifted = at(i0) * (1 - frac) + at(i1) * frac
-    return torch.where((j >= 0) & (j < n), shifted, audio)
-
-
-def train_step(ae, dc, opt, opt_dc, scaler, audio_in, prev, target, domain, dc_lambda, amp_dtype):
-    """One step of the alternating training (Mor et al. eq. 1-2): the domain classifier `dc` learns
-    to name the domain from the latent, then the autoencoder `ae` (encoder and decoders) learns to
-    reconstruct while making the classifier wrong. Either may be wrapped in DDP. audio_in (B, T)
-    the augmented input, prev and target (B, T) classes, domain (B,) on the host. Returns the
-    reconstruction loss (nats per sample) and the classifier's loss, left on the device."""
-    model, classifier = getattr(ae, "module", ae), getattr(dc, "module", dc)
-    device, d_idx = audio_in.device, domain.to(audio_in.device, non_blocking=True)
-    # 1) the domain classifier, on the latent of the encoder as it is
-    with torch.no_grad(), autocast(device, amp_dtype):
-        z = model.encoder(audio_in)
-    with autocast(device, amp_dtype):
-        dc_loss = F.cross_entropy(dc(z.float()), d_idx)
-    opt_dc.zero_grad(set_to_none=True)
-    scaler.scale(dc_loss).backward()  # with the scaler off (fp32, bf16) these are plain backward() ...
-    scaler.unscale_(opt_dc)  # fp16: true gradients before clipping
-    nn.utils.clip_grad_value_(classifier.parameters(), 1.0)
-    scaler.step(opt_dc)  # ... and step()
-    # 2) encoder and decoders: reconstruct, minus lambda times the classifier's loss
-    with autocast(device, amp_dtype):
-        rec, z = ae(audio_in, prev, target, domain)
-        confusion = F.cross_entropy(classifier(z.float()), d_idx)
-        loss = rec - dc_lambda * confusion
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(opt)
-    nn.utils.clip_grad_value_(model.parameters(), 1.0)  # the reference clips by value at 1
-    scaler.step(opt)
-    scaler.update()  # once per step, after both optimizers (the AMP recipe for several optimizers)
-    return rec.detach(), confusion.detach()
 
 
 # ----------------------------------------------------------------------------- generation
@@ -529,6 +340,181 @@ def generate_fast(decoders, z, n, temperature=1.0, seed=0, block=512):
         logits = torch.baddbmm(b2, h, H2).add_(gumbel[t % block])  # already divided by the temperature
         prev = drawn[t] = logits.argmax(-1)  # Gumbel-max: a draw from softmax(logits / temperature)
     return drawn.permute(1, 2, 0)
+
+
+# ----------------------------------------------------------------------------- audio in and out
+
+
+def read_wav(path, rate):
+    """Any common WAV (8/16/24/32-bit integer, 32/64-bit float, mono or stereo, any rate) as
+    float32 mono in [-1, 1] at `rate`; ValueError with the reason when it cannot be used."""
+    try:
+        file_rate, x = wavfile.read(path)
+    except Exception as e:  # scipy raises ValueError, EOFError, struct.error... on bad files
+        raise ValueError(f"not a readable WAV file ({type(e).__name__}: {str(e)[:60]})") from None
+    if x.dtype == np.uint8:  # 8-bit WAV is unsigned, centred on 128
+        x = (x.astype(np.float32) - 128) / 128
+    elif x.dtype.kind == "i":  # 16-bit; 24-bit arrives left-justified in int32, as 32-bit does
+        x = x.astype(np.float32) / float(2 ** (8 * x.dtype.itemsize - 1))
+    else:
+        x = x.astype(np.float32)
+    if x.ndim == 2:
+        x = x.mean(1)  # mix to mono
+    if len(x) == 0:
+        raise ValueError("empty (no samples)")
+    if np.abs(x).max() < 1e-4:
+        raise ValueError("silent")
+    if file_rate != rate:
+        g = math.gcd(file_rate, rate)
+        x = resample_poly(x, rate // g, file_rate // g).astype(np.float32)  # polyphase, with an anti-alias filter
+    return np.clip(x, -1, 1)
+
+
+def write_wav(path, x, rate):
+    """16-bit PCM, written to a temporary file and renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    wavfile.write(tmp, rate, (np.clip(np.asarray(x, np.float32), -1, 1) * 32767).astype(np.int16))
+    os.replace(tmp, path)
+
+
+def mu_law_encode(x):
+    """[-1, 1] -> classes 0..255 (ITU-T G.711 mu-law, mu = 255): finer steps near silence."""
+    y = torch.sign(x) * torch.log1p(MU * x.abs()) / math.log1p(MU)
+    return ((y + 1) / 2 * MU + 0.5).long().clamp(0, MU)
+
+
+def mu_law_decode(q):
+    """Classes 0..255 -> [-1, 1], the inverse of mu_law_encode up to its quantisation."""
+    y = 2 * q.float() / MU - 1
+    return torch.sign(y) * ((1 + MU) ** y.abs() - 1) / MU
+
+
+def folder_audio(data, rate):
+    """{domain: [clip, ...]} from DIR/<domain>/*.wav; unreadable files are skipped with a warning."""
+    root = Path(data)
+    if not root.is_dir():
+        fail(f"--data {data} is not a folder: give a folder with one sub-folder of .wav files per domain")
+    out = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        clips = []
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() == ".wav"):
+            try:
+                clips.append(read_wav(path, rate))
+            except ValueError as e:
+                print(f"warning: skipping {path}: {e}", file=sys.stderr)
+        if len(clips) >= 2:
+            out[folder.name] = clips
+        else:
+            print(f"warning: skipping domain {folder.name}: it needs at least 2 readable .wav files (train and test)", file=sys.stderr)
+    if len(out) < 2:
+        fail(f"--data {data} has {len(out)} usable domain(s): need at least 2 sub-folders of .wav files")
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def augment(audio, generator):
+    """Pitch augmentation (Mor et al. sec. 3.3): a random 1/4 to 1/2 of each segment is shifted by
+    up to +-0.5 semitone, so the encoder cannot memorise exact pitch and timbre. The shift is a
+    resampling: `span` = n * ratio samples of the input are played in n samples, which multiplies
+    every frequency by the ratio and leaves no gap. audio (B, T) on any device; the random choices
+    are drawn on the host from `generator`, the resampling is done for the whole batch at once as
+    linear interpolation (F.interpolate's, align_corners=False)."""
+    B, T = audio.shape
+    u = torch.rand(B, 3, generator=generator, dtype=torch.float64)
+    n = (T * (0.25 + 0.25 * u[:, 0])).long()  # (B,) samples shifted
+    span = (n * 2 ** ((u[:, 1] - 0.5) / 12)).round().long().clamp(max=T)  # (B,) samples of input they play
+    start = (u[:, 2] * (T - torch.maximum(n, span) + 1)).long()
+    n, span, start = (v.to(audio.device, non_blocking=True)[:, None] for v in (n, span, start))
+    j = torch.arange(T, device=audio.device)[None] - start  # (B, T) position inside the shifted part
+    src = ((j + 0.5) * (span / n) - 0.5).clamp(min=0)  # where in the input each output sample lies
+    i0 = src.long().clamp(max=span - 1)
+    frac = (src - i0).to(audio.dtype)
+    i1 = (i0 + 1).clamp(max=span - 1)
+    at = lambda i: audio.gather(1, (start + i).clamp(0, T - 1))
+    shifted = at(i0) * (1 - frac) + at(i1) * frac
+    return torch.where((j >= 0) & (j < n), shifted, audio)
+
+
+class SegmentPool:
+    """All training audio as one tensor on the device; a batch is one random segment of a random
+    clip per item, of that item's domain, cut out with one gather (no DataLoader, no copies)."""
+
+    def __init__(self, clips_by_domain, segment, device):
+        domains = list(clips_by_domain)
+        self.audio = torch.from_numpy(np.concatenate([c for d in domains for c in clips_by_domain[d]])).to(device)
+        self.clip_len = torch.tensor([len(c) for d in domains for c in clips_by_domain[d]])
+        self.clip_start = self.clip_len.cumsum(0) - self.clip_len
+        counts = [len(clips_by_domain[d]) for d in domains]
+        self.first_clip = torch.tensor(np.cumsum([0] + counts)[:-1])  # (D,) index of each domain's first clip
+        self.n_clips = torch.tensor(counts)
+        self.segment, self.offsets = segment, torch.arange(segment + 1, device=device)
+
+    def batch(self, domain_of, generator):
+        """domain_of (B,) -> (B, segment + 1) samples; the positions are drawn on the host."""
+        B = len(domain_of)
+        clip = self.first_clip[domain_of] + (torch.rand(B, generator=generator) * self.n_clips[domain_of]).long()
+        start = self.clip_start[clip] + (torch.rand(B, generator=generator) * (self.clip_len[clip] - self.segment)).long()
+        return self.audio[start.to(self.audio.device, non_blocking=True)[:, None] + self.offsets]
+
+
+def train_step(ae, dc, opt, opt_dc, scaler, audio_in, prev, target, domain, dc_lambda, amp_dtype):
+    """One step of the alternating training (Mor et al. eq. 1-2): the domain classifier `dc` learns
+    to name the domain from the latent, then the autoencoder `ae` (encoder and decoders) learns to
+    reconstruct while making the classifier wrong. Either may be wrapped in DDP. audio_in (B, T)
+    the augmented input, prev and target (B, T) classes, domain (B,) on the host. Returns the
+    reconstruction loss (nats per sample) and the classifier's loss, left on the device."""
+    model, classifier = getattr(ae, "module", ae), getattr(dc, "module", dc)
+    device, d_idx = audio_in.device, domain.to(audio_in.device, non_blocking=True)
+    # 1) the domain classifier, on the latent of the encoder as it is
+    with torch.no_grad(), autocast(device, amp_dtype):
+        z = model.encoder(audio_in)
+    with autocast(device, amp_dtype):
+        dc_loss = F.cross_entropy(dc(z.float()), d_idx)
+    opt_dc.zero_grad(set_to_none=True)
+    scaler.scale(dc_loss).backward()  # with the scaler off (fp32, bf16) these are plain backward() ...
+    scaler.unscale_(opt_dc)  # fp16: true gradients before clipping
+    nn.utils.clip_grad_value_(classifier.parameters(), 1.0)
+    scaler.step(opt_dc)  # ... and step()
+    # 2) encoder and decoders: reconstruct, minus lambda times the classifier's loss
+    with autocast(device, amp_dtype):
+        rec, z = ae(audio_in, prev, target, domain)
+        confusion = F.cross_entropy(classifier(z.float()), d_idx)
+        loss = rec - dc_lambda * confusion
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    nn.utils.clip_grad_value_(model.parameters(), 1.0)  # the reference clips by value at 1
+    scaler.step(opt)
+    scaler.update()  # once per step, after both optimizers (the AMP recipe for several optimizers)
+    return rec.detach(), confusion.detach()
+
+
+def save_checkpoint(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device):
+    """A umtn checkpoint and its model, or one line saying what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"no checkpoint at {path}: run python umtn/train.py first")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "umtn":
+        fail(f"{path} is not a umtn checkpoint (it was written by another script): train one with python umtn/train.py")
+    model = UMTN(**ckpt["model_args"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    return ckpt, model.eval()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -719,31 +705,67 @@ def print_report(rows, who, domains, say):
                 f"({mean('topline', 'mel', top):5.2f})")
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- built-in instruments
+# Three timbres play the same melodies, so the true translation of every input is known:
+#   pluck: a Karplus-Strong string (its plucked shape circulating in a damped delay loop): bright
+#          attack, then a decay in which the high partials die first;
+#   organ: additive partials 1, 2, 4 and 8 (octaves) at a steady level with a quick attack;
+#   reed:  odd partials 1, 3, 5, 7 (a closed pipe, as a clarinet) with a slow swell.
 
 
-def save_checkpoint(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def melody(rng, seconds, rate):
+    """A random tune in a pentatonic scale: [(start sample, length in samples, MIDI note)].
+    Notes C2-C4 (65-262 Hz): at 4 kHz a period then lasts 15 samples or more. A decoder that runs
+    free tends to lock onto a whole number of samples per period; at higher notes (7.6 samples for
+    C5) that alone put its output a semitone off."""
+    notes, t, key = [], 0, rng.randrange(36, 42)
+    pitch = key + 12
+    while t < seconds * rate:
+        length = int(rate * rng.choice([0.125, 0.25, 0.25, 0.375, 0.5]))
+        pitch = min(key + 19, max(key, pitch + rng.choice([-5, -3, -2, 0, 2, 3, 5])))
+        pitch = key + min(range(0, 20), key=lambda s: abs(s - (pitch - key)) if s % 12 in (0, 2, 4, 7, 9) else 99)
+        notes.append((t, length, pitch))
+        t += length
+    return notes
 
 
-def load_checkpoint(path, device):
-    """A umtn checkpoint and its model, or one line saying what is wrong with the file."""
-    path = Path(path)
-    if not path.is_file():
-        fail(f"no checkpoint at {path}: run python umtn/train.py first")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        fail(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "umtn":
-        fail(f"{path} is not a umtn checkpoint (it was written by another script): train one with python umtn/train.py")
-    model = UMTN(**ckpt["model_args"]).to(device)
-    model.load_state_dict(ckpt["model"])
-    return ckpt, model.eval()
+def render(notes, domain, seconds, rate):
+    """Render a melody in one instrument: float32 (seconds * rate,) in [-1, 1]."""
+    out = np.zeros(int(seconds * rate) + rate, np.float32)
+    for start, length, pitch in notes:
+        f0 = 440.0 * 2 ** ((pitch - 69) / 12)
+        t = np.arange(length) / rate
+        if domain == "pluck":  # Karplus and Strong (1983), run at 4x the rate for an exact enough pitch;
+            # the loop starts from the string's plucked shape, not from noise, so every note of a pitch
+            # sounds the same (Jaffe and Smith 1983) and the timbre can be learnt
+            up = 4
+            delay = rate * up / f0
+            n = max(2, int(round(delay - 0.5)))  # the loop's two-tap average adds half a sample of delay
+            gain = 0.5 * 10 ** (-3 / (f0 * 1.5))  # per period, so that every string dies away 60 dB in 1.5 s
+            a = np.zeros(n + 2)
+            a[0], a[n], a[n + 1] = 1.0, -gain, -gain  # y[t] = x[t] + gain (y[t-n] + y[t-n-1]): a damped string
+            u = np.arange(n) / n
+            shape = np.where(u < 0.3, u / 0.3, (1 - u) / 0.7)  # the string's shape when plucked at 30% of its length
+            pluck = np.zeros(length * up)
+            pluck[:n] = shape - shape.mean()
+            tone = resample_poly(lfilter([1.0], a, pluck), 1, up)[:length]
+            tone *= 0.6 / max(1e-9, np.abs(tone).max())  # every note starts at the same level as the other instruments
+        elif domain == "organ":
+            tone = sum(w * np.sin(2 * np.pi * k * f0 * t) for k, w in ((1, 0.5), (2, 0.35), (4, 0.2), (8, 0.1)) if k * f0 < rate / 2)
+            tone *= np.minimum(1, t / 0.01) * np.minimum(1, (length / rate - t) / 0.01)
+        else:  # reed
+            tone = sum(w * np.sin(2 * np.pi * k * f0 * t) for k, w in ((1, 0.5), (3, 0.3), (5, 0.18), (7, 0.1)) if k * f0 < rate / 2)
+            tone *= np.minimum(1, t / 0.06) * np.minimum(1, (length / rate - t) / 0.02)
+        out[start:start + length] += tone.astype(np.float32)
+    return np.clip(out[: int(seconds * rate)], -1, 1)
+
+
+def builtin_audio(n_melodies, seconds, rate, seed):
+    """({domain: [clip, ...]}, [notes, ...]): clip i of every domain plays melody i, whose notes
+    (the score) are returned too."""
+    rng = random.Random(seed)
+    tunes = [melody(rng, seconds, rate) for _ in range(n_melodies)]
+    return {d: [render(m, d, seconds, rate) for m in tunes] for d in DOMAINS}, tunes
 
 
 # ----------------------------------------------------------------------------- main
@@ -787,7 +809,11 @@ def main():
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
+    parser.add_argument("--dry-run", action="store_true", help="two steps, a short evaluation, a checkpoint: checks that every line runs, in seconds")
+    parser.error = lambda message: fail(f"{message} (see --help)")  # one line, not argparse's usage block
     args = parser.parse_args()
+    if args.dry_run:  # pytorch/examples' --dry-run: the whole script once, on the least data
+        args.steps, args.melodies, args.eval_melodies, args.eval_seconds, args.log_every = 2, 6, 2, 0.25, 1
 
     # ---- processes: torchrun sets WORLD_SIZE and LOCAL_RANK; each process trains on its own batches
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -824,12 +850,6 @@ def main():
             train[d] = [c for c in train[d] if len(c) > args.segment]
             if not train[d]:
                 fail(f"domain {d}: every training clip is shorter than --segment {args.segment} samples")
-    # all training audio as one tensor on the device; per clip its start, its length and its domain
-    pool = torch.from_numpy(np.concatenate([c for d in domains for c in train[d]])).to(device)
-    clip_len = torch.tensor([len(c) for d in domains for c in train[d]])
-    clip_start = clip_len.cumsum(0) - clip_len
-    first_clip = torch.tensor(np.cumsum([0] + [len(train[d]) for d in domains])[:-1])  # (D,) index of each domain's first clip
-    n_clips = torch.tensor([len(train[d]) for d in domains])
     say(f"data: {', '.join(f'{d} {len(train[d])} train / {len(test[d])} test clips' for d in domains)}; {args.rate} Hz")
 
     # ---- model
@@ -846,6 +866,7 @@ def main():
     opt_dc = torch.optim.Adam(classifier.parameters(), lr=args.lr, fused=fused)
     sched = torch.optim.lr_scheduler.StepLR(opt, 1000, args.lr_decay)
     segment = args.segment - args.segment % args.pool  # whole latent frames
+    data = SegmentPool({d: train[d] for d in domains}, segment, device)
     amp_dtype, needs_scaler = precision_for(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see common.choose_precision
     say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({len(domains)} decoders, receptive field "
@@ -857,14 +878,10 @@ def main():
     g = torch.Generator().manual_seed(args.seed + 1000 * rank)  # on the host: which clips, where, how much pitch shift
     g_dev = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank)  # on the device: the input noise
     domain_of = torch.arange(args.batch_size) % len(domains)  # every domain in every batch, so every decoder trains
-    offsets = torch.arange(segment + 1, device=device)
     out, t_start = Path(args.out), time.time()
     log_rec, log_dc, log_n = torch.zeros((), device=device), torch.zeros((), device=device), 0  # summed on the device
     for step in range(1, args.steps + 1):
-        # a random segment of a random clip of each item's domain, cut from the device tensor in one gather
-        clip = first_clip[domain_of] + (torch.rand(args.batch_size, generator=g) * n_clips[domain_of]).long()
-        start = clip_start[clip] + (torch.rand(args.batch_size, generator=g) * (clip_len[clip] - segment)).long()
-        clean = pool[start.to(device, non_blocking=True)[:, None] + offsets]  # (B, segment + 1)
+        clean = data.batch(domain_of, g)  # (B, segment + 1): one random segment per item
         codes = mu_law_encode(clean)
         prev, target = codes[:, :-1], codes[:, 1:]  # predict each sample from the ones before it
         if args.input_noise:  # a noisy past: the decoder cannot just continue the waveform, it must read the latent
