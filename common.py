@@ -28,11 +28,14 @@ def get_device(name="auto"):
         raise SystemExit(f"error: unknown device '{name}': use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit(f"error: --device {name} asked for, but this PyTorch sees no CUDA GPU: use --device cpu")
+            raise SystemExit(f"error: --device {name} asked for, but this PyTorch sees no CUDA GPU: use "
+                             "--device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SystemExit(f"error: --device {name} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) exist")
+            raise SystemExit(f"error: --device {name} asked for, but only {torch.cuda.device_count()} CUDA "
+                             "GPU(s) exist")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit(f"error: --device {name} asked for, but Apple MPS is not available here: use --device cpu")
+        raise SystemExit(f"error: --device {name} asked for, but Apple MPS is not available here: use "
+                         "--device cpu")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise SystemExit(f"error: unsupported device '{name}': use auto, cpu, cuda, cuda:N or mps")
     return device
@@ -44,13 +47,15 @@ def torchrun_device(name="auto"):
     CPU with Gloo. More processes than GPUs would ask for GPUs that do not exist: one line."""
     device = get_device(name)
     if device.type == "mps":
-        raise SystemExit("error: torchrun cannot share work between MPS processes: use --device cpu (Gloo) or one process")
+        raise SystemExit("error: torchrun cannot share work between MPS processes: use --device cpu (Gloo) "
+                         "or one process")
     if device.type == "cpu":
         return device, "gloo"
     local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     gpus = torch.cuda.device_count()
     if local_world > gpus:
-        raise SystemExit(f"error: torchrun started {local_world} processes but this machine has {gpus} CUDA GPU(s): "
+        raise SystemExit(f"error: torchrun started {local_world} processes but this machine has {gpus} CUDA "
+                         "GPU(s): "
                          f"use --nproc_per_node={gpus}, or --device cpu for {local_world} CPU processes")
     device = torch.device("cuda", local_rank)
     torch.cuda.set_device(device)
@@ -78,7 +83,8 @@ def seed_everything(seed, deterministic=False):
     torch.manual_seed(seed)  # also seeds every CUDA device
     torch.cuda.manual_seed_all(seed)
     if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs a fixed workspace to repeat itself
+        # cuBLAS needs a fixed workspace to repeat itself
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
 
@@ -109,8 +115,10 @@ def choose_precision(device_type, choice="auto", gpu_capability=None, cpu_native
         return torch.float16, True, None
     if choice == "bf16":
         if device_type == "cuda" and gpu_capability < (8, 0):
-            return torch.bfloat16, False, (f"warning: --amp bf16 on a GPU of compute capability {gpu_capability[0]}."
-                                           f"{gpu_capability[1]}, which has no bf16 tensor cores: it is emulated and slow; "
+            return torch.bfloat16, False, ("warning: --amp bf16 on a GPU of compute capability "
+                                           f"{gpu_capability[0]}."
+                                           f"{gpu_capability[1]}, which has no bf16 tensor cores: it is "
+                                           "emulated and slow; "
                                            f"--amp auto picks fp16 with a GradScaler there")
         return torch.bfloat16, False, None
     if device_type == "cuda":
@@ -130,10 +138,17 @@ def precision_for(device, choice, bf16_helps_on_cpu=False):
     """-> (autocast dtype or None, whether a GradScaler is needed) for this machine; a warning,
     if the choice deserves one, goes to stderr."""
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    dtype, scaler, warning = choose_precision(device.type, choice, capability, bf16_helps_on_cpu and cpu_has_native_bf16())
+    dtype, scaler, warning = choose_precision(device.type, choice, capability,
+                                              bf16_helps_on_cpu and cpu_has_native_bf16())
     if warning:
         print(warning, file=sys.stderr)
     return dtype, scaler
+
+
+def precision_name(dtype, scaler):
+    """"bfloat16", "float16 +GradScaler" or "off": what precision_for chose, for the printed settings."""
+    name = str(dtype).replace("torch.", "") if dtype is not None else "off"
+    return name + (" +GradScaler" if scaler else "")
 
 
 def autocast(device, dtype):

@@ -31,7 +31,8 @@ def run(script, *args, cwd=ROOT, stdin=None, expect_ok=True, timeout=600):
     p = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, input=stdin,
                        capture_output=True, text=True, timeout=timeout, env=env)
     if expect_ok and p.returncode != 0:
-        raise AssertionError(f"{script} exited {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}")
+        raise AssertionError(f"{script} exited {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- "
+                             f"stderr\n{p.stderr[-3000:]}")
     if not expect_ok and p.returncode == 0:
         raise AssertionError(f"{script} should have failed but exited 0\n{p.stdout[-2000:]}")
     return p.stdout, p.stderr
@@ -74,7 +75,8 @@ def epoch_losses(stdout):
 
 
 def test_device_helper_errors():
-    fails_with("blitz/tensors.py", "--device", "cuda:99", message=r"--device cuda:99 .*(no CUDA|only \d+ CUDA)")
+    fails_with("blitz/tensors.py", "--device", "cuda:99",
+               message=r"--device cuda:99 .*(no CUDA|only \d+ CUDA)")
     fails_with("blitz/tensors.py", "--device", "abacus", message=r"unknown device 'abacus'")
 
 
@@ -117,7 +119,8 @@ def test_blitz_sample_hook_finetune_export():
 
 
 def test_blitz_sample_bad_checkpoints():
-    fails_with("blitz/sample.py", "--checkpoint", TMP / "missing.pt", message=r"run python blitz/train.py first")
+    fails_with("blitz/sample.py", "--checkpoint", TMP / "missing.pt",
+               message=r"run python blitz/train.py first")
     junk = TMP / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     fails_with("blitz/sample.py", "--checkpoint", junk, message=r"not a readable PyTorch checkpoint")
@@ -127,7 +130,8 @@ def test_blitz_sample_bad_checkpoints():
 
 
 def classifier_checkpoint():
-    return trained("classifier", "classifier/train.py", "--model", "resnet", "--train-size", 4000, "--test-size", 1000,
+    return trained("classifier", "classifier/train.py", "--model", "resnet", "--train-size", 4000,
+                   "--test-size", 1000,
                    "--val-size", 500, "--epochs", 6, "--width", 8, "--batch-size", 64)
 
 
@@ -145,7 +149,8 @@ def test_classifier_sample_shows_top3_and_confusions():
     out, _ = run("classifier/sample.py", "--checkpoint", ckpt, "--n", 2, "--color", "never")
     assert out.count("test image") == 2 and "most confused pairs" in out
     accuracy = float(re.search(r"whole test set: 1000 images, accuracy ([\d.]+)%", out).group(1))
-    assert accuracy == result(classifier_checkpoint()[1])["test_acc"], accuracy  # the same test set as training's
+    # the same test set as training's
+    assert accuracy == result(classifier_checkpoint()[1])["test_acc"], accuracy
     out, _ = run("classifier/sample.py", "--checkpoint", ckpt, "--index", 3, "--color", "always")
     assert "\x1b[38;2;" in out and "test image 3:" in out  # 24-bit colour half blocks
 
@@ -185,7 +190,8 @@ def test_classifier_whitening_needs_no_float64_on_the_device():
     reference.init_whitening(images)
     net = ct.AirNet(8)
     net.init_whitening(images.as_subclass(NoFloat64Device))
-    assert torch.allclose(net.whiten.weight, reference.whiten.weight) and net.whiten.weight.dtype == torch.float32
+    assert torch.allclose(net.whiten.weight,
+                          reference.whiten.weight) and net.whiten.weight.dtype == torch.float32
     try:
         images.as_subclass(NoFloat64Device).double()
         raise AssertionError("the stand-in device accepted float64")
@@ -224,7 +230,8 @@ def test_classifier_lookahead_keeps_the_fast_weights_between_epochs():
         last_step_left, next_epoch_starts = log[10 * epoch - 1][1], log[10 * epoch][0]
         if epoch == 2:  # step 20: a lookahead pull, as in airbench, moves them
             continue
-        assert torch.equal(last_step_left, next_epoch_starts), f"epoch {epoch + 1} did not start where epoch {epoch} left off"
+        assert torch.equal(last_step_left,
+                           next_epoch_starts), f"epoch {epoch + 1} did not start where epoch {epoch} left off"
 
 
 def write_fake_cifar(folder, per_file=120):
@@ -235,7 +242,9 @@ def write_fake_cifar(folder, per_file=120):
         records = bytearray()
         for _ in range(per_file):
             label = rng.randrange(10)
-            records += bytes([label]) + bytes([25 * label]) * 1024 + bytes([250 - 25 * label]) * 1024 + bytes([rng.randrange(256)]) * 1024
+            r, g, b = 25 * label, 250 - 25 * label, rng.randrange(256)
+            planes = bytes([r]) * 1024 + bytes([g]) * 1024 + bytes([b]) * 1024
+            records += bytes([label]) + planes
         (folder / name).write_bytes(bytes(records))
     return folder
 
@@ -257,22 +266,28 @@ def test_classifier_bad_inputs():
     bad = TMP / "bad_cifar"
     write_fake_cifar(bad, per_file=3)
     (bad / "data_batch_2.bin").write_bytes(b"\x01" * 3000)  # truncated record
-    fails_with("classifier/train.py", "--data", "cifar10", "--data-dir", bad, message=r"data_batch_2.bin is truncated")
+    fails_with("classifier/train.py", "--data", "cifar10", "--data-dir", bad,
+               message=r"data_batch_2.bin is truncated")
     write_fake_cifar(bad, per_file=3)
     (bad / "test_batch.bin").write_bytes(b"\x0c" + b"\x00" * 3072)  # label 12
-    fails_with("classifier/train.py", "--data", "cifar10", "--data-dir", bad, message=r"corrupt: label byte 12")
+    fails_with("classifier/train.py", "--data", "cifar10", "--data-dir", bad,
+               message=r"corrupt: label byte 12")
     tarball = TMP / "tar" / "cifar-10-binary.tar.gz"
     tarball.parent.mkdir(exist_ok=True)
     tarball.write_bytes(b"not the real archive")
     fails_with("classifier/train.py", "--data", "cifar10", "--data-dir", tarball, message=r"wrong MD5")
-    fails_with("classifier/train.py", "--data", "cifar10", "--data-dir", TMP / "nowhere", message=r"--data-dir .* does not exist")
+    fails_with("classifier/train.py", "--data", "cifar10", "--data-dir", TMP / "nowhere",
+               message=r"--data-dir .* does not exist")
     fails_with("classifier/train.py", "--model", "vgg", message=r"--model: invalid choice: .vgg.")
-    fails_with("classifier/train.py", "--time-limit", 60, "--resume", message=r"--time-limit needs .* a fresh run")
+    fails_with("classifier/train.py", "--time-limit", 60, "--resume",
+               message=r"--time-limit needs .* a fresh run")
     blitz_ckpt, _ = blitz_checkpoint()
     fails_with("classifier/sample.py", "--checkpoint", blitz_ckpt, message=r"not a classifier checkpoint")
-    fails_with("classifier/sample.py", "--checkpoint", TMP / "none.pt", message=r"run python classifier/train.py first")
+    fails_with("classifier/sample.py", "--checkpoint", TMP / "none.pt",
+               message=r"run python classifier/train.py first")
     ckpt, _ = classifier_checkpoint()
-    fails_with("classifier/sample.py", "--checkpoint", ckpt, "--index", 5000, message=r"--index 5000 is out of range")
+    fails_with("classifier/sample.py", "--checkpoint", ckpt, "--index", 5000,
+               message=r"--index 5000 is out of range")
 
 
 def load_script(path, name):
@@ -296,14 +311,18 @@ def test_precision_rule_without_a_gpu():
     assert choose("cuda", "fp16", gpu_capability=(9, 0)) == (torch.float16, True)  # an explicit choice wins
     assert choose("cuda", "off", gpu_capability=(9, 0)) == (None, False)
     assert choose("mps", "auto") == (None, False) and choose("cpu", "auto") == (None, False)
-    assert choose("cpu", "auto", cpu_native_bf16=True) == (torch.bfloat16, False)  # only where a script says bf16 helps
+    # only where a script says bf16 helps
+    assert choose("cpu", "auto", cpu_native_bf16=True) == (torch.bfloat16, False)
     assert choose("cpu", "fp16") == (torch.float16, True)
     assert common.choose_precision("cuda", "auto", gpu_capability=(7, 5))[2] is None
     warning = common.choose_precision("cuda", "bf16", gpu_capability=(7, 5))[2]  # bf16 asked for on a T4
     assert warning.startswith("warning:") and "7.5" in warning and "fp16" in warning, warning
-    assert common.choose_precision("mps", "fp16")[:2] == (None, False) and "MPS" in common.choose_precision("mps", "fp16")[2]
-    bf16_output = load_script("seq2seq/train.py", "seq2seq_train").bf16_output_layer  # seq2seq's CPU refinement
-    assert bf16_output("cpu", "auto", True) and not bf16_output("cpu", "auto", False) and not bf16_output("cuda", "auto", True)
+    mps = common.choose_precision("mps", "fp16")
+    assert mps[:2] == (None, False) and "MPS" in mps[2]
+    # seq2seq's CPU refinement
+    bf16_output = load_script("seq2seq/train.py", "seq2seq_train").bf16_output_layer
+    assert bf16_output("cpu", "auto", True) and not bf16_output("cpu", "auto", False)
+    assert not bf16_output("cuda", "auto", True)
     assert bf16_output("cpu", "bf16-output", False)
 
 
@@ -323,7 +342,8 @@ def test_every_train_script_has_a_dry_run_that_sample_reads():
 
 
 def test_every_train_script_has_the_one_amp_flag():
-    for script in ("blitz/train.py", "classifier/train.py", "seq2seq/train.py", "tonenet/train.py", "umtn/train.py"):
+    for script in ("blitz/train.py", "classifier/train.py", "seq2seq/train.py", "tonenet/train.py",
+                   "umtn/train.py"):
         out, _ = run(script, "--help")
         assert re.search(r"--amp \{auto,bf16,fp16,(bf16-output,)?off\}", out), (script, out[-1500:])
         assert "--bf16" not in out and "--deterministic" in out, script
@@ -342,13 +362,15 @@ def test_rnns_run_in_fp32_under_bf16_autocast():
             out, _ = common.rnn_fp32(rnn, x.bfloat16())
         assert out.dtype == torch.float32 and torch.allclose(out, rnn(x.bfloat16().float())[0]), rnn
         assert (out - plain).abs().max() < 0.05
-    tn = import_script("tonenet/train.py")  # ToneNet's LSTMs under bf16 on a CPU: this used to fail inside oneDNN
+    # ToneNet's LSTMs under bf16 on a CPU: this used to fail inside oneDNN
+    tn = import_script("tonenet/train.py")
     model = tn.ToneNet(["a", "b"], hidden=16)
     roll = (torch.rand(4, 32, 88, 2) < 0.05).float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         velocity = model(roll, torch.tensor([0, 1, 1, 0]))
     assert velocity.shape == (4, 32, 88) and velocity.dtype == torch.float32
-    out, _ = run("tonenet/train.py", "--dry-run", "--amp", "bf16", "--device", "cpu", "--out", TMP / "bf16.pt")
+    out, _ = run("tonenet/train.py", "--dry-run", "--amp", "bf16", "--device", "cpu", "--out",
+                 TMP / "bf16.pt")
     assert "autocast bfloat16" in out and "result:" in out
 
 
@@ -363,17 +385,22 @@ def test_torchrun_more_processes_than_gpus_is_one_line():
         common.torchrun_device("auto")
         raise AssertionError("two processes on one GPU were accepted")
     except SystemExit as e:
-        assert str(e).startswith("error: torchrun started 2 processes but this machine has 1 CUDA GPU") and "--device cpu" in str(e), e
+        assert (str(e).startswith("error: torchrun started 2 processes but this machine has 1 CUDA GPU")
+                and "--device cpu" in str(e)), e
     finally:
         torch.cuda.is_available, torch.cuda.device_count = saved[:2]
-        os.environ.pop("LOCAL_WORLD_SIZE") if saved[2] is None else os.environ.update(LOCAL_WORLD_SIZE=saved[2])
+        if saved[2] is None:
+            os.environ.pop("LOCAL_WORLD_SIZE")
+        else:
+            os.environ["LOCAL_WORLD_SIZE"] = saved[2]
     assert common.torchrun_device("cpu") == (torch.device("cpu"), "gloo")
 
 
 def test_classifier_fp16_gradscaler_and_time_limit():
     ckpt = TMP / "fp16.pt"
     # few images, so that even a slow CPU runs several epochs within the 25 s and the loss can be seen to fall
-    out, _ = run("classifier/train.py", "--train-size", 1500, "--test-size", 500, "--val-size", 200, "--width", 8,
+    out, _ = run("classifier/train.py", "--train-size", 1500, "--test-size", 500, "--val-size", 200,
+                 "--width", 8,
                  "--batch-size", 64, "--amp", "fp16", "--time-limit", 25, "--out", ckpt)
     assert "autocast=float16 +GradScaler" in out, out[:600]
     plan = re.search(r"plan: 25 s at [\d.]+ s/step -> about (\d+) steps", out)
@@ -381,15 +408,18 @@ def test_classifier_fp16_gradscaler_and_time_limit():
     r = result(out)
     losses = epoch_losses(out)
     assert 20 <= r["train_seconds"] <= 35 and r["test_acc"] >= 15, r  # the budget is kept (chance is 10%)
-    assert len(losses) >= 2 and losses[-1] < 0.95 * losses[0], losses  # airbench in fp16 with the scaler learns
+    # airbench in fp16 with the scaler learns
+    assert len(losses) >= 2 and losses[-1] < 0.95 * losses[0], losses
     out, _ = run("classifier/sample.py", "--checkpoint", ckpt, "--n", 1, "--color", "never")
     assert f"accuracy {r['test_acc']:.2f}%" in out
 
 
 def test_classifier_torchrun_two_processes():
     ckpt = TMP / "ddp.pt"
-    p = subprocess.run([str(a) for a in [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "classifier/train.py", "--model", "resnet", "--train-size", 3000, "--test-size", 500, "--val-size", 400,
+    p = subprocess.run([str(a) for a in [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                         "--nproc_per_node=2",
+                        "classifier/train.py", "--model", "resnet", "--train-size", 3000, "--test-size", 500,
+                                         "--val-size", 400,
                         "--epochs", 5, "--width", 8, "--batch-size", 64, "--device", "cpu", "--out", ckpt]],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -417,7 +447,8 @@ def import_script(path):
 def test_seq2seq_builtin_corpus_agrees_and_splits():
     s2s = import_script("seq2seq/train.py")
     pairs = s2s.builtin_pairs(12000, 0, 16)
-    assert len(set(pairs)) == len(pairs) == 12000 and pairs == s2s.builtin_pairs(12000, 0, 16)  # distinct, deterministic
+    # distinct, deterministic
+    assert len(set(pairs)) == len(pairs) == 12000 and pairs == s2s.builtin_pairs(12000, 0, 16)
     assert pairs != s2s.builtin_pairs(12000, 1, 16)
     table = dict(pairs)
     for en, fr in pairs:
@@ -504,7 +535,8 @@ def test_seq2seq_fused_bahdanau_step_equals_the_tutorials():
     s2s = import_script("seq2seq/train.py")
     for layers in (1, 2):
         torch.manual_seed(layers)
-        model = s2s.Seq2Seq(30, 40, hidden=16, layers=layers, bidirectional=False, attention="bahdanau").eval()
+        model = s2s.Seq2Seq(30, 40, hidden=16, layers=layers, bidirectional=False,
+                            attention="bahdanau").eval()
         src, src_len = torch.randint(4, 30, (3, 5)), torch.tensor([5, 2, 4])
         src[1, 2:] = src[2, 4:] = s2s.PAD
         tokens = torch.randint(4, 40, (3, 6))
@@ -531,7 +563,8 @@ def test_seq2seq_other_attentions_and_free_running_train():
 
 def test_seq2seq_sample_arguments_stdin_and_map():
     ckpt, _ = seq2seq_checkpoint()
-    out, _ = run("seq2seq/sample.py", "--checkpoint", ckpt, "elle est plus grande que moi", "Nous avons faim !")
+    out, _ = run("seq2seq/sample.py", "--checkpoint", ckpt, "elle est plus grande que moi",
+                 "Nous avons faim !")
     lines = [l for l in out.splitlines() if " -> " in l]
     assert len(lines) == 2 and lines[0].startswith("elle est plus grande que moi -> "), out
     assert lines[1].startswith("nous avons faim ! -> ")  # normalised like the training data
@@ -546,15 +579,19 @@ def test_seq2seq_bad_inputs():
     fails_with("seq2seq/train.py", "--data", TMP / "missing.txt", message=r"no such file")
     one_column = TMP / "one_column.txt"
     one_column.write_text("i am cold\tj ai froid\nhe is tall\n", encoding="utf-8")
-    fails_with("seq2seq/train.py", "--data", one_column, message=r"line 2: expected 2 tab-separated columns, found 1")
+    fails_with("seq2seq/train.py", "--data", one_column,
+               message=r"line 2: expected 2 tab-separated columns, found 1")
     empty = TMP / "empty.txt"
     empty.write_text("\n", encoding="utf-8")
     fails_with("seq2seq/train.py", "--data", empty, message=r"is empty")
-    fails_with("seq2seq/sample.py", "--checkpoint", ckpt, "il est " + "tres " * 20 + "grand", message=r"too long")
+    fails_with("seq2seq/sample.py", "--checkpoint", ckpt, "il est " + "tres " * 20 + "grand",
+               message=r"too long")
     fails_with("seq2seq/sample.py", "--checkpoint", ckpt, " ... ", message=r"empty sentence")
     blitz_ckpt, _ = blitz_checkpoint()
-    fails_with("seq2seq/sample.py", "--checkpoint", blitz_ckpt, "il est grand", message=r"not a seq2seq checkpoint")
-    fails_with("seq2seq/sample.py", "--checkpoint", TMP / "none.pt", "x", message=r"run python seq2seq/train.py first")
+    fails_with("seq2seq/sample.py", "--checkpoint", blitz_ckpt, "il est grand",
+               message=r"not a seq2seq checkpoint")
+    fails_with("seq2seq/sample.py", "--checkpoint", TMP / "none.pt", "x",
+               message=r"run python seq2seq/train.py first")
 
 
 def test_seq2seq_eng_fra_download_is_checked():
@@ -562,7 +599,8 @@ def test_seq2seq_eng_fra_download_is_checked():
     bad = TMP / "eng_fra_bad"
     bad.mkdir(exist_ok=True)
     (bad / "data.zip").write_bytes(b"not the tutorial's zip")
-    fails_with("seq2seq/train.py", "--data", "eng-fra", "--data-dir", bad, message=r"data.zip has the wrong SHA-256 .*delete it")
+    fails_with("seq2seq/train.py", "--data", "eng-fra", "--data-dir", bad,
+               message=r"data.zip has the wrong SHA-256 .*delete it")
     s2s = import_script("seq2seq/train.py")
     s2s.ENG_FRA_URL = (bad / "data.zip").resolve().as_uri()  # a "download" of the wrong bytes
     fresh = TMP / "eng_fra_fresh"
@@ -592,12 +630,18 @@ def write_test_midi(path, file_type=1):
     program change, a drum track and a note below the piano. 96 ticks a beat: 24 ticks a sixteenth."""
     import mido
     M, Meta = mido.Message, mido.MetaMessage
-    tempo = [Meta("set_tempo", tempo=500000, time=0), Meta("set_tempo", tempo=250000, time=192), Meta("end_of_track", time=0)]
-    piano = [(0, M("program_change", program=0)), (0, M("note_on", note=60, velocity=100)), (48, M("note_on", note=60, velocity=0)),
-             (96, M("note_on", note=64, velocity=80)), (120, M("note_on", note=64, velocity=70)), (144, M("note_off", note=64)),
-             (192, M("note_off", note=64)), (192, M("control_change", control=64, value=127)), (192, M("note_on", note=67, velocity=90)),
-             (216, M("note_off", note=67)), (288, M("control_change", control=64, value=0)), (288, M("note_on", note=69, velocity=50)),
-             (290, M("note_on", note=69, velocity=110)), (300, M("note_on", note=10, velocity=99)), (310, M("note_off", note=69)),
+    tempo = [Meta("set_tempo", tempo=500000, time=0), Meta("set_tempo", tempo=250000, time=192),
+             Meta("end_of_track", time=0)]
+    piano = [(0, M("program_change", program=0)), (0, M("note_on", note=60, velocity=100)),
+             (48, M("note_on", note=60, velocity=0)),
+             (96, M("note_on", note=64, velocity=80)), (120, M("note_on", note=64, velocity=70)),
+             (144, M("note_off", note=64)),
+             (192, M("note_off", note=64)), (192, M("control_change", control=64, value=127)),
+             (192, M("note_on", note=67, velocity=90)),
+             (216, M("note_off", note=67)), (288, M("control_change", control=64, value=0)),
+             (288, M("note_on", note=69, velocity=50)),
+             (290, M("note_on", note=69, velocity=110)), (300, M("note_on", note=10, velocity=99)),
+             (310, M("note_off", note=69)),
              (320, M("note_off", note=69)), (330, M("note_off", note=10))]
     drums = [(0, M("note_on", channel=9, note=38, velocity=120)), (24, M("note_off", channel=9, note=38))]
     mid = mido.MidiFile(type=1, ticks_per_beat=96)
@@ -625,12 +669,17 @@ def test_tonenet_encoding_of_written_midi():
         rolls.append((roll, vel))
         C4, E4, G4, A4 = 60 - 21, 64 - 21, 67 - 21, 69 - 21
         assert roll[0, C4].tolist() == [1, 1] and vel[0, C4] == 100  # struck
-        assert roll[1, C4].tolist() == [0, 1] and roll[2, C4].tolist() == [0, 0]  # held, then released by velocity 0
-        assert roll[4, E4].tolist() == [1, 1] and roll[5, E4].tolist() == [1, 1] and vel[5, E4] == 70  # overlapping strikes
-        assert roll[7, E4, 1] == 1 and roll[8, E4, 1] == 0  # first in, first out: the second note ends at tick 192
-        assert roll[8, G4].tolist() == [1, 1] and roll[11, G4, 1] == 1 and roll[12, G4, 1] == 0  # pedal holds it to tick 288
+        # held, then released by velocity 0
+        assert roll[1, C4].tolist() == [0, 1] and roll[2, C4].tolist() == [0, 0]
+        # overlapping strikes
+        assert roll[4, E4].tolist() == [1, 1] and roll[5, E4].tolist() == [1, 1] and vel[5, E4] == 70
+        # first in, first out: the second note ends at tick 192
+        assert roll[7, E4, 1] == 1 and roll[8, E4, 1] == 0
+        # pedal holds it to tick 288
+        assert roll[8, G4].tolist() == [1, 1] and roll[11, G4, 1] == 1 and roll[12, G4, 1] == 0
         assert vel[12, A4] == 110  # two strikes in one cell: the louder is kept
-        assert int(roll[..., 0].sum()) == 5 and len(step) == 6  # two A4s share a cell; no drum note, nothing below A0
+        # two A4s share a cell; no drum note, nothing below A0
+        assert int(roll[..., 0].sum()) == 5 and len(step) == 6
         assert abs(tn.seconds_of(mid, np.array([192]))[0] - 1.0) < 1e-9  # two beats at 120 bpm
         assert abs(tn.seconds_of(mid, np.array([288]))[0] - 1.25) < 1e-9  # then 240 bpm
         no_pedal, _, _ = tn.encode(tn.read_notes(mid, pedal=False), mid.ticks_per_beat, 4)
@@ -673,12 +722,14 @@ def test_tonenet_sample_changes_only_velocities():
         for ma, mb in zip(ta, tb):
             piano_on = ma.type == "note_on" and ma.velocity > 0 and ma.channel != 9 and 21 <= ma.note <= 108
             if piano_on:
-                assert mb.type == "note_on" and 1 <= mb.velocity <= 127 and ma.copy(velocity=mb.velocity) == mb
+                assert (mb.type == "note_on" and 1 <= mb.velocity <= 127
+                        and ma.copy(velocity=mb.velocity) == mb)
                 changed += ma.velocity != mb.velocity
             else:
                 assert ma == mb, (ma, mb)  # timing, pedal, tempo, program, drums, note-offs: untouched
     assert changed >= 3
-    out, _ = run("tonenet/sample.py", "--out", TMP / "builtin.mid", "--checkpoint", ckpt)  # a built-in piece, every style
+    # a built-in piece, every style
+    out, _ = run("tonenet/sample.py", "--out", TMP / "builtin.mid", "--checkpoint", ckpt)
     assert (TMP / "builtin_lyrical.mid").is_file() and (TMP / "builtin_groove.mid").is_file()
     assert out.count("-> loudest") == 3 and ("\u2588" in out or "\u2593" in out)  # the input, then each style
 
@@ -694,7 +745,8 @@ def write_long_performance(path, velocity=None, minutes=4):
     for eighth in range(minutes * 60 * 4):
         t = eighth * 48
         swell = 25 * abs(((eighth % 64) - 32) / 32)  # 0 .. 25
-        keys = [60 + (eighth * 7) % 17] + ([40 + (eighth // 8) % 12, 47 + (eighth // 8) % 12] if eighth % 2 == 0 else [])
+        keys = [60 + (eighth * 7) % 17] + ([40 + (eighth // 8) % 12, 47 + (eighth // 8) % 12]
+                                           if eighth % 2 == 0 else [])
         for i, key in enumerate(keys):
             v = velocity or int(45 + swell + (10 if i == 0 else 0) + rng.randint(-4, 4))
             events += [(t, 1, key, v), (t + 44, 0, key, 0)]
@@ -710,7 +762,8 @@ def write_long_performance(path, velocity=None, minutes=4):
 
 def note_on_velocities(path):
     import mido
-    return [m.velocity for m in mido.merge_tracks(mido.MidiFile(path).tracks) if m.type == "note_on" and m.velocity > 0]
+    return [m.velocity for m in mido.merge_tracks(mido.MidiFile(path).tracks) if m.type == "note_on"
+            and m.velocity > 0]
 
 
 def test_tonenet_level_sets_the_mean_velocity():
@@ -719,34 +772,42 @@ def test_tonenet_level_sets_the_mean_velocity():
     given = note_on_velocities(performance)
     for level in (30, 50, 100):
         out_path = TMP / f"level{level}.mid"
-        out, _ = run("tonenet/sample.py", performance, "--style", "lyrical", "--level", level, "--out", out_path, "--checkpoint", ckpt)
+        out, _ = run("tonenet/sample.py", performance, "--style", "lyrical", "--level", level, "--out",
+                     out_path, "--checkpoint", ckpt)
         v = note_on_velocities(out_path)
         assert len(v) == len(given) > 1800 and abs(sum(v) / len(v) - level) <= 1, (level, sum(v) / len(v))
         assert max(v) - min(v) > 10  # the style's dynamics, not one flat velocity
         model_seconds = float(re.search(r"model time ([\d.]+) s for (\d+) s of music", out).group(1))
         assert model_seconds < 1.0, out  # a four-minute piece in under a second
-    out, _ = run("tonenet/sample.py", performance, "--style", "groove", "--level", "keep", "--out", TMP / "kept.mid", "--checkpoint", ckpt)
+    out, _ = run("tonenet/sample.py", performance, "--style", "groove", "--level", "keep", "--out",
+                 TMP / "kept.mid", "--checkpoint", ckpt)
     kept = note_on_velocities(TMP / "kept.mid")
     assert "the input's mean velocity" in out and abs(sum(kept) / len(kept) - sum(given) / len(given)) <= 1
     assert kept != given
     # a score at one velocity has no loudness to keep: the style's own level, and the output says so
     score = write_long_performance(TMP / "long_score.mid", velocity=64, minutes=1)
-    out, _ = run("tonenet/sample.py", score, "--style", "groove", "--level", "keep", "--out", TMP / "score_kept.mid", "--checkpoint", ckpt)
-    _, _ = run("tonenet/sample.py", score, "--style", "groove", "--out", TMP / "score_own.mid", "--checkpoint", ckpt)
-    assert "is a score" in out and note_on_velocities(TMP / "score_kept.mid") == note_on_velocities(TMP / "score_own.mid")
-    fails_with("tonenet/sample.py", score, "--level", "loud", "--checkpoint", ckpt, message=r"--level loud: give a mean velocity from 1 to 127")
+    out, _ = run("tonenet/sample.py", score, "--style", "groove", "--level", "keep", "--out",
+                 TMP / "score_kept.mid", "--checkpoint", ckpt)
+    _, _ = run("tonenet/sample.py", score, "--style", "groove", "--out", TMP / "score_own.mid",
+               "--checkpoint", ckpt)
+    assert ("is a score" in out
+            and note_on_velocities(TMP / "score_kept.mid") == note_on_velocities(TMP / "score_own.mid"))
+    fails_with("tonenet/sample.py", score, "--level", "loud", "--checkpoint", ckpt,
+               message=r"--level loud: give a mean velocity from 1 to 127")
     fails_with("tonenet/sample.py", score, "--level", 0, "--checkpoint", ckpt, message=r"--level 0: give")
 
 
 def test_tonenet_performances_of_one_piece_share_a_split():
     tn = import_script("tonenet/train.py")
-    assert tn.piece_of("Bach_Fugue_bwv_889_Giesbrecht01M.mid") == "Bach_Fugue_bwv_889" == tn.piece_of("Bach_Fugue_bwv_889_LiuY01M.mid")
+    assert tn.piece_of("Bach_Fugue_bwv_889_Giesbrecht01M.mid") == "Bach_Fugue_bwv_889"
+    assert tn.piece_of("Bach_Fugue_bwv_889_LiuY01M.mid") == "Bach_Fugue_bwv_889"
     assert tn.piece_of("Beethoven_Piano_Sonatas_32-1_FALIKS01_2004.mid") == "Beethoven_Piano_Sonatas_32-1"
     assert tn.piece_of("Chopin_Etude_op_10_3_Bult-ItoS02M.mid") == "Chopin_Etude_op_10_3"
     for name in ("pop909_001.mid", "Mozart_mz_330_3.mid", "Albeniz_alb_esp1.mid", "piece2.mid"):
         assert tn.piece_of(name) == name[:-4]  # no performer tag: a piece of its own
     performers = ["Giesbrecht01M", "LiuY01M", "KabuliL01M"]
-    files = [(f"Chopin_Ballade_{k}_{performers[(k + j) % 3]}.mid", None, None) for k in range(30) for j in range(1 + k % 3)]
+    files = [(f"Chopin_Ballade_{k}_{performers[(k + j) % 3]}.mid", None, None) for k in range(30)
+             for j in range(1 + k % 3)]
     for seed in range(20):
         split = tn.split_files({"classical": files}, 0.1, 0.15, seed)
         where = {}
@@ -768,15 +829,20 @@ def test_tonenet_bad_inputs():
     silent = TMP / "silent.mid"
     import mido
     mido.MidiFile(tracks=[mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=500000)])]).save(silent)
-    fails_with("tonenet/sample.py", text, "--checkpoint", ckpt, message=r"text.mid is not a readable MIDI file")
-    fails_with("tonenet/sample.py", truncated, "--checkpoint", ckpt, message=r"truncated.mid is not a readable MIDI file")
+    fails_with("tonenet/sample.py", text, "--checkpoint", ckpt,
+               message=r"text.mid is not a readable MIDI file")
+    fails_with("tonenet/sample.py", truncated, "--checkpoint", ckpt,
+               message=r"truncated.mid is not a readable MIDI file")
     fails_with("tonenet/sample.py", silent, "--checkpoint", ckpt, message=r"silent.mid has no piano notes")
-    fails_with("tonenet/sample.py", good, "--style", "jazz", "--checkpoint", ckpt, message=r"unknown style 'jazz'.*lyrical, groove")
+    fails_with("tonenet/sample.py", good, "--style", "jazz", "--checkpoint", ckpt,
+               message=r"unknown style 'jazz'.*lyrical, groove")
     before = good.read_bytes()
-    fails_with("tonenet/sample.py", good, "--style", "groove", "--out", good, "--checkpoint", ckpt, message=r"is the input file")
+    fails_with("tonenet/sample.py", good, "--style", "groove", "--out", good, "--checkpoint", ckpt,
+               message=r"is the input file")
     assert good.read_bytes() == before
     fails_with("tonenet/sample.py", TMP / "nowhere.mid", "--checkpoint", ckpt, message=r"no such file")
-    fails_with("tonenet/sample.py", good, "--checkpoint", TMP / "none.pt", message=r"run python tonenet/train.py first")
+    fails_with("tonenet/sample.py", good, "--checkpoint", TMP / "none.pt",
+               message=r"run python tonenet/train.py first")
     blitz_ckpt, _ = blitz_checkpoint()
     fails_with("tonenet/sample.py", good, "--checkpoint", blitz_ckpt, message=r"not a tonenet checkpoint")
     fails_with("tonenet/train.py", "--data", TMP / "no_such_folder", message=r"is not a folder")
@@ -801,19 +867,23 @@ def test_tonenet_reads_a_folder_of_styles():
             mid = mido.MidiFile(type=0, ticks_per_beat=96)
             track = mido.MidiTrack()
             for k in range(40):
-                track += [mido.Message("note_on", note=48 + (k * 5 + i) % 24, velocity=velocity + (k % 3), time=0 if k == 0 else 24),
+                track += [mido.Message("note_on", note=48 + (k * 5 + i) % 24, velocity=velocity + (k % 3),
+                                       time=0 if k == 0 else 24),
                           mido.Message("note_off", note=48 + (k * 5 + i) % 24, time=24)]
             mid.tracks.append(track)
             mid.save(data / style / f"piece{i}.mid")
     (data / "loud" / "broken.mid").write_bytes(b"MThd\x00\x00")
-    out, err = run("tonenet/train.py", "--data", data, "--epochs", 3, "--window", 64, "--out", TMP / "folder.pt")
-    assert "read 8 MIDI files" in out and "broken.mid" in err and "data: soft: train 2 files of 2 pieces" in out, out[:1500]
+    out, err = run("tonenet/train.py", "--data", data, "--epochs", 3, "--window", 64, "--out",
+                   TMP / "folder.pt")
+    assert ("read 8 MIDI files" in out and "broken.mid" in err
+            and "data: soft: train 2 files of 2 pieces" in out), out[:1500]
     assert "result: model=tonenet" in out
 
 
 # ============================================================================= umtn
 
-UMTN_SMALL = ["--melodies", 12, "--seconds", 2, "--enc-blocks", 1, "--enc-layers", 6, "--dec-layers", 5, "--segment", 1024,
+UMTN_SMALL = ["--melodies", 12, "--seconds", 2, "--enc-blocks", 1, "--enc-layers", 6, "--dec-layers", 5,
+              "--segment", 1024,
               "--batch-size", 6, "--eval-seconds", 0.25, "--log-every", 20]
 
 
@@ -824,7 +894,8 @@ def test_umtn_mu_law_round_trip():
     assert torch.equal(um.mu_law_encode(um.mu_law_decode(q)), q)  # every class survives decode -> encode
     x = torch.linspace(-1, 1, 20001)
     err = (um.mu_law_decode(um.mu_law_encode(x)) - x).abs()
-    assert err.max() < 0.022 and err[x.abs() < 0.01].max() < 4e-4  # steps of ~0.04 near full scale, 50 times finer near silence
+    # steps of ~0.04 near full scale, 50 times finer near silence
+    assert err.max() < 0.022 and err[x.abs() < 0.01].max() < 4e-4
     assert um.mu_law_encode(torch.tensor([0.0])).item() in (127, 128)
 
 
@@ -848,7 +919,8 @@ def write_wav_kinds(folder):
         pcm = (tone * 2 ** 23).astype(np.int32)
         raw = b"".join(int(v).to_bytes(3, "little", signed=True) for v in pcm)
         path = folder / f"i24_{rate}_1ch.wav"
-        path.write_bytes(b"RIFF" + struct.pack("<I", 36 + len(raw)) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 3, 3, 24)
+        fmt = struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 3, 3, 24)
+        path.write_bytes(b"RIFF" + struct.pack("<I", 36 + len(raw)) + b"WAVEfmt " + fmt
                          + b"data" + struct.pack("<I", len(raw)) + raw)
         files[path] = rate
     return files
@@ -865,7 +937,8 @@ def test_umtn_reads_every_wav_kind():
         peak = np.abs(x[500:-500]).max()
         assert 0.45 < peak < 0.55, (path.name, peak)  # the same amplitude whatever the format
         f0 = um.pitch_track(x, 8000)
-        assert abs(np.median(f0[f0 > 0]) - 440) < 440 * 0.03, path.name  # still 440 Hz (within half a semitone) after resampling
+        # still 440 Hz (within half a semitone) after resampling
+        assert abs(np.median(f0[f0 > 0]) - 440) < 440 * 0.03, path.name
 
 
 def test_umtn_pitch_augmentation_resamples_like_interpolate():
@@ -882,7 +955,8 @@ def test_umtn_pitch_augmentation_resamples_like_interpolate():
     for i in range(8):
         a, k, m = int(start[i]), int(n[i]), int(span[i])
         expected = audio[i].clone()
-        expected[a:a + k] = F.interpolate(audio[i, a:a + m].view(1, 1, -1), size=k, mode="linear", align_corners=False).view(-1)
+        expected[a:a + k] = F.interpolate(audio[i, a:a + m].view(1, 1, -1), size=k, mode="linear",
+                                          align_corners=False).view(-1)
         assert torch.allclose(out[i], expected, atol=1e-5), i
         assert m != k or torch.equal(out[i], audio[i])  # a shift is a change, unless it rounds to none
     assert not torch.equal(out, audio)
@@ -908,15 +982,20 @@ def test_umtn_translation_metrics_rank_known_cases():
             for i, notes in enumerate(held_out):
                 target, source = um.render(notes, t, 2.0, rate), um.render(notes, s, 2.0, rate)
                 silence = um.mu_law_noise(np.zeros_like(target), 4, i)
-                for kind, x in (("perfect", target), ("noisy", um.mu_law_noise(target, 4, i)), ("input", source), ("silence", silence)):
+                for kind, x in (("perfect", target), ("noisy", um.mu_law_noise(target, 4, i)),
+                                ("input", source), ("silence", silence)):
                     rows[kind]["pitch"].append(um.raw_pitch_accuracy(x, notes, rate))
                     rows[kind]["target"].append(timbre(x, um.written_pitch(notes, len(x), rate)) == t)
                     rows[kind]["mel"].append(um.log_mel_distance(x, target, rate))
     mean = {k: {m: float(np.mean(v)) for m, v in r.items()} for k, r in rows.items()}
-    assert mean["perfect"]["mel"] == 0 and mean["perfect"]["pitch"] > 0.95 and mean["perfect"]["target"] == 1, mean
-    assert mean["noisy"]["pitch"] >= 0.95 and mean["noisy"]["target"] >= 0.95, mean  # noise costs neither pitch nor timbre
-    assert mean["noisy"]["mel"] < mean["input"]["mel"] < mean["silence"]["mel"], mean  # and the noisy answer beats the input
-    assert mean["input"]["pitch"] > 0.95 and mean["input"]["target"] == 0, mean  # the input: right notes, wrong instrument
+    assert (mean["perfect"]["mel"] == 0 and mean["perfect"]["pitch"] > 0.95
+            and mean["perfect"]["target"] == 1), mean
+    # noise costs neither pitch nor timbre
+    assert mean["noisy"]["pitch"] >= 0.95 and mean["noisy"]["target"] >= 0.95, mean
+    # and the noisy answer beats the input
+    assert mean["noisy"]["mel"] < mean["input"]["mel"] < mean["silence"]["mel"], mean
+    # the input: right notes, wrong instrument
+    assert mean["input"]["pitch"] > 0.95 and mean["input"]["target"] == 0, mean
     assert mean["silence"]["pitch"] < 0.05, mean
     lo, mid, hi = um.bootstrap([0, 1] * 6, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
     assert mid == 0.5 and 0 < lo <= 0.5 <= hi < 1
@@ -938,7 +1017,8 @@ def test_umtn_decoder_is_causal_and_fast_generation_equals_naive():
     z = torch.randn(3, 2, 4, 10, dtype=torch.float64)  # three decoders, two clips each
     fast = um.generate(list(model.decoders), z, 80, 0.8, seed=5)
     plain = um.generate(list(model.decoders), z, 80, 0.8, seed=5, method="plain")  # the paper's queues
-    naive = um.generate(list(model.decoders), z, 80, 0.8, seed=5, method="naive")  # the whole receptive field each time
+    # the whole receptive field each time
+    naive = um.generate(list(model.decoders), z, 80, 0.8, seed=5, method="naive")
     assert torch.equal(fast, plain) and torch.equal(fast, naive) and len(set(fast.flatten().tolist())) > 20
 
 
@@ -957,10 +1037,12 @@ def test_umtn_training_learns():
 
 
 def test_umtn_domain_confusion_hides_the_domain():
-    # without confusion the classifier learns to name the domain from the latent; with it, its loss stays near chance
+    # without confusion the classifier learns to name the domain from the latent; with it, its loss stays near
+    # chance
     runs = {}
     for lam in (0, 0.1):
-        out, _ = run("umtn/train.py", *UMTN_SMALL, "--steps", 60, "--dc-lambda", lam, "--eval-seconds", 0, "--out", TMP / f"dc{lam}.pt")
+        out, _ = run("umtn/train.py", *UMTN_SMALL, "--steps", 60, "--dc-lambda", lam, "--eval-seconds", 0,
+                     "--out", TMP / f"dc{lam}.pt")
         losses = [float(x) for x in re.findall(r"domain loss ([\d.]+)", out)]
         runs[lam] = sum(losses[-2:]) / 2
     chance = math.log(3)
@@ -973,20 +1055,26 @@ def test_umtn_sample_writes_one_wav_per_domain():
     ckpt, _ = umtn_checkpoint()
     source = next(p for p in write_wav_kinds(TMP / "wavs") if p.name == "i16_22050_2ch.wav")
     before = source.read_bytes()
-    out, _ = run("umtn/sample.py", source, "--to", "all", "--out", TMP / "translated.wav", "--checkpoint", ckpt, "--chunk", 0.2)
+    out, _ = run("umtn/sample.py", source, "--to", "all", "--out", TMP / "translated.wav", "--checkpoint",
+                 ckpt, "--chunk", 0.2)
     assert source.read_bytes() == before and "real-time factor" in out
-    assert "listen in this order" in out and out.count("plays the input's note in") == 3 and out.count("sounds like") == 3
+    assert ("listen in this order" in out and out.count("plays the input's note in") == 3
+            and out.count("sounds like") == 3)
     for domain in ("pluck", "organ", "reed"):
         rate, x = wavfile.read(TMP / f"translated_to_{domain}.wav")
-        assert rate == 4000 and x.dtype == np.int16 and abs(len(x) - 2000) <= 1 and np.abs(x).max() > 0  # 0.5 s at the model's rate
-    out, _ = run("umtn/sample.py", "--to", "organ", "--out", TMP / "example_organ.wav", "--checkpoint", ckpt, "--seconds", 0.5)
+        # 0.5 s at the model's rate
+        assert rate == 4000 and x.dtype == np.int16 and abs(len(x) - 2000) <= 1 and np.abs(x).max() > 0
+    out, _ = run("umtn/sample.py", "--to", "organ", "--out", TMP / "example_organ.wav", "--checkpoint", ckpt,
+                 "--seconds", 0.5)
     assert (TMP / "example_organ.wav").is_file()
 
 
 def test_umtn_torchrun_two_processes():
     ckpt = TMP / "umtn_ddp.pt"
-    p = subprocess.run([str(a) for a in [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "umtn/train.py", *UMTN_SMALL, "--steps", 20, "--eval-seconds", 0, "--device", "cpu", "--out", ckpt]],
+    p = subprocess.run([str(a) for a in [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                         "--nproc_per_node=2",
+                        "umtn/train.py", *UMTN_SMALL, "--steps", 20, "--eval-seconds", 0, "--device", "cpu",
+                                         "--out", ckpt]],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     r = result(p.stdout)
@@ -1009,21 +1097,26 @@ def test_umtn_bad_inputs():
     truncated = TMP / "truncated.wav"
     truncated.write_bytes(good.read_bytes()[:30])
     fails_with("umtn/sample.py", text, "--checkpoint", ckpt, message=r"text.wav is not a readable WAV file")
-    fails_with("umtn/sample.py", truncated, "--checkpoint", ckpt, message=r"truncated.wav is not a readable WAV file")
+    fails_with("umtn/sample.py", truncated, "--checkpoint", ckpt,
+               message=r"truncated.wav is not a readable WAV file")
     fails_with("umtn/sample.py", empty, "--checkpoint", ckpt, message=r"empty.wav is empty")
     fails_with("umtn/sample.py", silent, "--checkpoint", ckpt, message=r"silent.wav is silent")
-    fails_with("umtn/sample.py", good, "--to", "banjo", "--checkpoint", ckpt, message=r"unknown domain 'banjo'.*pluck, organ, reed")
+    fails_with("umtn/sample.py", good, "--to", "banjo", "--checkpoint", ckpt,
+               message=r"unknown domain 'banjo'.*pluck, organ, reed")
     before = good.read_bytes()
-    fails_with("umtn/sample.py", good, "--to", "organ", "--out", good, "--checkpoint", ckpt, message=r"is the input file")
+    fails_with("umtn/sample.py", good, "--to", "organ", "--out", good, "--checkpoint", ckpt,
+               message=r"is the input file")
     assert good.read_bytes() == before
     fails_with("umtn/sample.py", TMP / "nowhere.wav", "--checkpoint", ckpt, message=r"no such file")
-    fails_with("umtn/sample.py", good, "--checkpoint", TMP / "none.pt", message=r"run python umtn/train.py first")
+    fails_with("umtn/sample.py", good, "--checkpoint", TMP / "none.pt",
+               message=r"run python umtn/train.py first")
     tonenet_ckpt, _ = tonenet_checkpoint()
     fails_with("umtn/sample.py", good, "--checkpoint", tonenet_ckpt, message=r"not a umtn checkpoint")
     one = TMP / "one_domain"
     (one / "violin").mkdir(parents=True, exist_ok=True)
     for i in range(3):
-        wavfile.write(one / "violin" / f"{i}.wav", 8000, (3000 * np.sin(np.arange(4000) * 0.2 * (i + 1))).astype(np.int16))
+        wavfile.write(one / "violin" / f"{i}.wav", 8000,
+                      (3000 * np.sin(np.arange(4000) * 0.2 * (i + 1))).astype(np.int16))
     fails_with("umtn/train.py", "--data", one, message=r"has 1 usable domain\(s\): need at least 2")
     fails_with("umtn/train.py", "--data", TMP / "no_such_folder", message=r"is not a folder")
 
@@ -1037,10 +1130,13 @@ def test_umtn_reads_a_folder_of_domains():
         (data / name).mkdir(parents=True, exist_ok=True)
         for i, f0 in enumerate((220, 262, 330)):
             tone = sum(np.sin(2 * np.pi * k * f0 * t) / k for k in partials) * 0.3
-            wavfile.write(data / name / f"{i}.wav", 16000 if i else 8000, np.repeat(tone, 2 if i else 1).astype(np.float32))
+            wavfile.write(data / name / f"{i}.wav", 16000 if i else 8000,
+                          np.repeat(tone, 2 if i else 1).astype(np.float32))
     (data / "flute" / "broken.wav").write_bytes(b"RIFF")
-    out, err = run("umtn/train.py", "--data", data, *UMTN_SMALL, "--steps", 20, "--out", TMP / "folder_umtn.pt")
-    assert "broken.wav" in err and "data: clarinet 2 train / 1 test clips, flute 2 train / 1 test clips" in out, out[:1500]
+    out, err = run("umtn/train.py", "--data", data, *UMTN_SMALL, "--steps", 20, "--out",
+                   TMP / "folder_umtn.pt")
+    assert ("broken.wav" in err
+            and "data: clarinet 2 train / 1 test clips, flute 2 train / 1 test clips" in out), out[:1500]
     assert "result:" in out
 
 
@@ -1056,13 +1152,16 @@ def train_and_sample_everything(device, amp, tag):
     ck = lambda name: TMP / f"{tag}_{name}.pt"
     outs["blitz"], _ = run("blitz/train.py", "--epochs", 4, "--train-size", 6000, *d, "--out", ck("blitz"))
     run("blitz/sample.py", "--checkpoint", ck("blitz"), "--device", device, "--out", TMP / f"{tag}_blitz.pt2")
-    outs["classifier"], _ = run("classifier/train.py", "--train-size", 8000, "--test-size", 500, "--val-size", 200, "--epochs", 4,
+    outs["classifier"], _ = run("classifier/train.py", "--train-size", 8000, "--test-size", 500, "--val-size",
+                                200, "--epochs", 4,
                                 "--width", 16, *d, "--out", ck("classifier"))
-    run("classifier/sample.py", "--checkpoint", ck("classifier"), "--n", 1, "--color", "never", "--device", device)
+    run("classifier/sample.py", "--checkpoint", ck("classifier"), "--n", 1, "--color", "never", "--device",
+        device)
     outs["seq2seq"], _ = run("seq2seq/train.py", "--dry-run", *d, "--out", ck("seq2seq"))
     run("seq2seq/sample.py", "--checkpoint", ck("seq2seq"), "--device", device, "--beam", 3, "il est grand")
     outs["tonenet"], _ = run("tonenet/train.py", "--dry-run", *d, "--out", ck("tonenet"))
-    run("tonenet/sample.py", "--checkpoint", ck("tonenet"), "--device", device, "--out", TMP / f"{tag}_tonenet.mid")
+    run("tonenet/sample.py", "--checkpoint", ck("tonenet"), "--device", device, "--out",
+        TMP / f"{tag}_tonenet.mid")
     outs["umtn"], _ = run("umtn/train.py", *UMTN_SMALL, "--steps", 40, *d, "--out", ck("umtn"))
     run("umtn/sample.py", "--checkpoint", ck("umtn"), "--device", device, "--seconds", 0.5, "--to", "organ",
         "--out", TMP / f"{tag}_umtn.wav")
@@ -1080,27 +1179,33 @@ def test_cuda_every_script_with_amp_auto_and_fp16():
         for folder, out in outs.items():
             expected = "float16" if amp == "fp16" else auto
             assert re.search(rf"autocast[ =]{expected}( \+GradScaler)?", out), (folder, out[:1500])
-            assert ("+GradScaler" in out) == (expected == "float16"), folder  # fp16 always with the scaler, bf16 never
-        assert result(outs["classifier"])["test_acc"] > 30 and result(outs["blitz"])["val_acc"] > 60, outs["classifier"][-500:]
+            # fp16 always with the scaler, bf16 never
+            assert ("+GradScaler" in out) == (expected == "float16"), folder
+        assert (result(outs["classifier"])["test_acc"] > 30
+                and result(outs["blitz"])["val_acc"] > 60), outs["classifier"][-500:]
         assert result(outs["umtn"])["bits_per_sample"] < result(outs["umtn"])["first_bits"] - 0.5
 
 
 def test_cuda_compile_resume_beam_with_two_layers_and_torchrun_nccl():
     require("cuda")
     ckpt = TMP / "cuda_compiled.pt"
-    common = ["--train-size", 2000, "--test-size", 500, "--val-size", 200, "--width", 16, "--device", "cuda", "--out", ckpt]
+    common = ["--train-size", 2000, "--test-size", 500, "--val-size", 200, "--width", 16, "--device", "cuda",
+              "--out", ckpt]
     out, _ = run("classifier/train.py", "--epochs", 1, "--compile", *common)
     assert "result:" in out
     out, _ = run("classifier/train.py", "--epochs", 2, "--resume", *common)
     assert "resumed" in out and "epoch 2/2" in out
     for attention in ("general", "bahdanau"):  # a strided hx used to crash cuDNN in beam search with 2 layers
-        out, _ = run("seq2seq/train.py", "--pairs", 600, "--epochs", 1, "--hidden", 32, "--layers", 2, "--beam", 3,
+        out, _ = run("seq2seq/train.py", "--pairs", 600, "--epochs", 1, "--hidden", 32, "--layers", 2,
+                     "--beam", 3,
                      "--attention", attention, "--device", "cuda", "--out", TMP / "cuda_beam.pt")
         assert "beam 3" in out and "result:" in out
-    for script, args in (("classifier/train.py", ["--model", "resnet", "--train-size", 2000, "--test-size", 500, "--val-size", 200,
+    for script, args in (("classifier/train.py",
+                          ["--model", "resnet", "--train-size", 2000, "--test-size", 500, "--val-size", 200,
                                                   "--epochs", 2, "--width", 8]),
                          ("umtn/train.py", [*UMTN_SMALL, "--steps", 20, "--eval-seconds", 0])):
-        p = subprocess.run([str(a) for a in [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+        p = subprocess.run([str(a) for a in [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                             "--nproc_per_node=1",
                             script, *args, "--device", "cuda", "--out", TMP / "cuda_ddp.pt"]],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -1115,11 +1220,13 @@ def test_cuda_umtn_fast_generation_agrees_with_the_plain_decoder():
     um = import_script("umtn/train.py")
     require("cuda")
     torch.manual_seed(0)
-    model = um.UMTN(["a", "b", "c"], latent=8, pool=16, dec_channels=32, skip_channels=32, dec_blocks=2, dec_layers=6).cuda().eval()
+    model = um.UMTN(["a", "b", "c"], latent=8, pool=16, dec_channels=32, skip_channels=32, dec_blocks=2,
+                    dec_layers=6).cuda().eval()
     K, B, n, temperature = 3, 2, 480, 0.9
     z = torch.randn(K, B, 8, n // 16, device="cuda")
     drawn = um.generate(list(model.decoders), z, n, temperature, seed=4)  # (K, B, n)
-    gumbel = torch.cat(list(um.gumbel_noise((K, B), n, 4, torch.float32, torch.device("cuda"))))  # (n, K, B, 256)
+    # (n, K, B, 256)
+    gumbel = torch.cat(list(um.gumbel_noise((K, B), n, 4, torch.float32, torch.device("cuda"))))
     agree = []
     with torch.inference_mode():
         for k, decoder in enumerate(model.decoders):
@@ -1145,7 +1252,8 @@ def no_syncs(step, repeats=3):
                 step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    syncs = [f"{Path(w.filename).name}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
+    syncs = [f"{Path(w.filename).name}:{w.lineno}: {w.message}" for w in caught
+             if "synchroniz" in str(w.message)]
     assert not syncs, "host syncs in a training step:\n" + "\n".join(syncs[:12])
 
 
@@ -1160,37 +1268,47 @@ def test_cuda_training_steps_never_wait_for_the_gpu():
         # classifier: augmentation on the device, airbench, fused SGD with the scaler
         net = ct.AirNet(16).to(dev).to(memory_format=torch.channels_last)
         net.init_whitening(torch.randn(256, 3, 32, 32, device=dev))
-        opt, sc = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1, momentum=0.85, nesterov=True, fused=True), scaler()
-        images, labels = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, device=dev), torch.randint(0, 10, (512,), device=dev)
+        opt, sc = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1, momentum=0.85,
+                                  nesterov=True, fused=True), scaler()
+        images, labels = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8,
+                                       device=dev), torch.randint(0, 10, (512,), device=dev)
         def classifier_step():
             idx = torch.randperm(512, device=dev)[:64]
-            x = ct.augment(images[idx].float() / 255, 2, torch.rand(64, device=dev) < 0.5, 24).contiguous(memory_format=torch.channels_last)
+            x = ct.augment(images[idx].float() / 255, 2, torch.rand(64, device=dev) < 0.5,
+                           24).contiguous(memory_format=torch.channels_last)
             ct.train_step(net, opt, sc, x, labels[idx], 0.2, dtype)
         no_syncs(classifier_step)
-        # seq2seq: lengths on the host, both the batched (Luong) and the step-by-step (Bahdanau) decoder, free running too
+        # seq2seq: lengths on the host, both the batched (Luong) and the step-by-step (Bahdanau) decoder, free
+        # running too
         for attention, teacher_forcing in (("general", 1.0), ("bahdanau", 1.0), ("general", 0.0)):
             model = s2s.Seq2Seq(50, 60, hidden=32, layers=2, attention=attention).to(dev)
             opt, sc = torch.optim.Adam(model.parameters(), fused=True), scaler()
             src_len, tgt_len = torch.tensor([7, 3, 5, 6]), torch.tensor([4, 6, 2, 5])
             src, tgt = torch.randint(4, 50, (4, 7), device=dev), torch.randint(4, 60, (4, 6), device=dev)
-            no_syncs(lambda: s2s.train_step(model, opt, sc, src, src_len, tgt, tgt_len, teacher_forcing, 1.0, dtype))
+            no_syncs(lambda: s2s.train_step(model, opt, sc, src, src_len, tgt, tgt_len, teacher_forcing, 1.0,
+                                            dtype))
         # tonenet: windows routed to their style's decoder by a style tensor on the host
         model = tn.ToneNet(["a", "b"], hidden=32).to(dev)
         opt, sc = torch.optim.Adam(model.parameters(), fused=True), scaler()
-        roll, target = (torch.rand(8, 64, 88, 2, device=dev) < 0.05).float(), torch.rand(8, 64, 88, device=dev)
+        roll, target = (torch.rand(8, 64, 88, 2,
+                                   device=dev) < 0.05).float(), torch.rand(8, 64, 88, device=dev)
         no_syncs(lambda: tn.train_step(model, opt, sc, roll, target, torch.tensor([0, 1] * 4), 10.0, dtype))
         # umtn: the batch cut from the device tensor, noise drawn there, pitch augmentation, both updates
         model = um.UMTN(["a", "b", "c"], enc_blocks=1, enc_layers=4, dec_layers=4).to(dev)
         classifier = um.DomainClassifier(16, 32, 3).to(dev)
-        opts = torch.optim.Adam(model.parameters(), fused=True), torch.optim.Adam(classifier.parameters(), fused=True)
+        opts = torch.optim.Adam(model.parameters(),
+                                fused=True), torch.optim.Adam(classifier.parameters(), fused=True)
         sc, pool, g = scaler(), torch.randn(20000, device=dev) * 0.3, torch.Generator().manual_seed(0)
-        g_dev, offsets, domain = torch.Generator(device=dev).manual_seed(0), torch.arange(1025, device=dev), torch.arange(6) % 3
+        g_dev, offsets = torch.Generator(device=dev).manual_seed(0), torch.arange(1025, device=dev)
+        domain = torch.arange(6) % 3
         def umtn_step():
             start = (torch.rand(6, generator=g) * 18000).long()
             clean = pool[start.to(dev, non_blocking=True)[:, None] + offsets]
             codes = um.mu_law_encode(clean)
-            prev = um.mu_law_encode((clean[:, :-1] + 0.05 * torch.randn(6, 1024, generator=g_dev, device=dev)).clamp(-1, 1))
-            um.train_step(model, classifier, *opts, sc, um.augment(clean[:, :-1], g), prev, codes[:, 1:], domain, 0.2, dtype)
+            prev = um.mu_law_encode((clean[:, :-1] + 0.05 * torch.randn(6, 1024, generator=g_dev,
+                                                                        device=dev)).clamp(-1, 1))
+            um.train_step(model, classifier, *opts, sc, um.augment(clean[:, :-1], g), prev, codes[:, 1:],
+                          domain, 0.2, dtype)
         no_syncs(umtn_step)
 
 
@@ -1199,10 +1317,12 @@ def test_mps_every_script_trains_and_samples():
     require("mps")
     ct = import_script("classifier/train.py")
     net = ct.AirNet(8).to("mps")
-    net.init_whitening(torch.randn(64, 3, 32, 32, device="mps"))  # MPS has no float64 and no eigh: computed on the CPU
+    # MPS has no float64 and no eigh: computed on the CPU
+    net.init_whitening(torch.randn(64, 3, 32, 32, device="mps"))
     assert net.whiten.weight.device.type == "mps"
     outs = train_and_sample_everything("mps", "auto", "mps")
-    assert result(outs["classifier"])["test_acc"] > 30 and result(outs["umtn"])["bits_per_sample"] < result(outs["umtn"])["first_bits"]
+    assert (result(outs["classifier"])["test_acc"] > 30
+            and result(outs["umtn"])["bits_per_sample"] < result(outs["umtn"])["first_bits"])
 
 
 # ============================================================================= runner

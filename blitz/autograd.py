@@ -17,6 +17,7 @@ from common import get_device, seed_everything
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
 parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+parser.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, not a usage block
 args = parser.parse_args()
 seed_everything(args.seed)
 device = get_device(args.device)

@@ -21,12 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.p
 from common import get_device, seed_everything
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--checkpoint", default=str(Path(__file__).parent / "out" / "blitz.pt"), help="from blitz/train.py (default: %(default)s)")
-parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "blitz_exported.pt2"), help="exported program (default: %(default)s)")
+parser.add_argument("--checkpoint", default=str(Path(__file__).parent / "out" / "blitz.pt"),
+                    help="from blitz/train.py (default: %(default)s)")
+parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "blitz_exported.pt2"),
+                    help="exported program (default: %(default)s)")
 parser.add_argument("--n", type=int, default=8, help="images to classify and show (default: %(default)s)")
-parser.add_argument("--finetune-steps", type=int, default=150, help="steps of last-layer fine-tuning (default: %(default)s)")
+parser.add_argument("--finetune-steps", type=int, default=150,
+                    help="steps of last-layer fine-tuning (default: %(default)s)")
 parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
 parser.add_argument("--seed", type=int, default=1234, help="random seed (default: %(default)s)")
+parser.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, not a usage block
 args = parser.parse_args()
 seed_everything(args.seed)
 device = get_device(args.device)
@@ -39,7 +43,8 @@ try:
     # weights_only=True unpickles tensors and plain containers only, never arbitrary code.
     ckpt = torch.load(path, map_location=device, weights_only=True)
 except Exception as e:
-    sys.exit(f"error: {path} is not a readable PyTorch checkpoint ({type(e).__name__}): run python blitz/train.py")
+    sys.exit(f"error: {path} is not a readable PyTorch checkpoint ({type(e).__name__}): run python "
+             "blitz/train.py")
 if not isinstance(ckpt, dict) or ckpt.get("kind") != "blitz":
     sys.exit(f"error: {path} is not a blitz checkpoint: run python blitz/train.py first")
 model = Net(**ckpt["model_args"]).to(device)  # rebuilt from the saved constructor arguments alone
@@ -98,8 +103,10 @@ model.eval()
 with torch.no_grad():
     ft_acc = (model(x_te).argmax(1) == y_te).float().mean().item()
 unchanged = all(torch.equal(v, model.state_dict()[k]) for k, v in frozen_before.items())
-print(f"\n# fine-tuned only fc2 ({sum(p.numel() for p in trainable)} of {sum(p.numel() for p in model.parameters())} "
-      f"parameters) for 'horizontal stroke?': held-out accuracy {100 * ft_acc:.1f}%; frozen layers unchanged: {unchanged}")
+print(f"\n# fine-tuned only fc2 ({sum(p.numel() for p in trainable)} of "
+      f"{sum(p.numel() for p in model.parameters())} "
+      f"parameters) for 'horizontal stroke?': held-out accuracy {100 * ft_acc:.1f}%; frozen layers "
+      f"unchanged: {unchanged}")
 assert unchanged and (ft_acc > 0.8 or not trained)
 
 # ----------------------------------------------------------------------------- export
@@ -114,6 +121,7 @@ torch.export.save(program, out)
 reloaded = torch.export.load(out).module()
 with torch.no_grad():
     same = torch.allclose(reloaded(images.cpu()), model(images.cpu()), atol=1e-5)
-print(f"\n# exported with torch.export to {out}; reloaded program matches the eager model on 1000 images: {same}")
+print(f"\n# exported with torch.export to {out}; reloaded program matches the eager model on 1000 images: "
+      f"{same}")
 assert same
 print(f"result: accuracy={100 * accuracy:.2f} finetune_accuracy={100 * ft_acc:.2f} export_matches={same}")

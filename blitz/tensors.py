@@ -20,6 +20,7 @@ from common import get_device, seed_everything
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
 parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+parser.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, not a usage block
 args = parser.parse_args()
 seed_everything(args.seed)
 
@@ -74,7 +75,8 @@ assert torch.allclose(torch.sub(a, y_before), x)  # subtraction undoes the addit
 m1, m2 = torch.randn(2, 3), torch.randn(3, 4)
 elementwise = m1 * m1  # (2, 3): multiplies matching entries
 matrix = m1 @ m2  # (2, 4): rows of m1 times columns of m2
-show("m1 * m1 is element-wise (2, 3); m1 @ m2 is the matrix product (2, 4)", (elementwise.shape, matrix.shape))
+show("m1 * m1 is element-wise (2, 3); m1 @ m2 is the matrix product (2, 4)",
+     (elementwise.shape, matrix.shape))
 assert elementwise.shape == (2, 3) and matrix.shape == (2, 4)
 assert torch.allclose(matrix, torch.matmul(m1, m2))
 assert torch.allclose(matrix[1, 2], (m1[1] * m2[:, 2]).sum())  # one entry worked by hand
@@ -112,7 +114,8 @@ show("a one-element tensor gives a Python number with .item()", x.item())
 assert isinstance(x.item(), float)
 
 a, b = torch.zeros(2, 3), torch.ones(2, 3)
-show("cat joins along an existing dim, stack makes a new one", (torch.cat([a, b]).shape, torch.stack([a, b]).shape))
+show("cat joins along an existing dim, stack makes a new one",
+     (torch.cat([a, b]).shape, torch.stack([a, b]).shape))
 assert torch.cat([a, b], dim=0).shape == (4, 3) and torch.cat([a, b], dim=1).shape == (2, 6)
 assert torch.stack([a, b]).shape == (2, 2, 3)
 

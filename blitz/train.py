@@ -5,7 +5,7 @@ script generates itself, so it runs offline: 16x16 grey images of four shapes (a
 bar, a vertical bar, a box outline, a cross) at random places and sizes, in noise. A cross
 contains both bars, so a pixel count is not enough; the network has to see the layout.
 
-    python blitz/train.py              # ~99% validation accuracy in about 10 s on 2 CPU cores
+    python blitz/train.py              # prints validation accuracy per epoch, ~99% at the end
     python blitz/sample.py             # then: load, inspect, fine-tune and export it
 
 What is shown, in order: a Dataset and a DataLoader; an nn.Module with its layers in
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
-from common import autocast, get_device, precision_for, seed_everything, synchronize
+from common import autocast, get_device, precision_for, precision_name, seed_everything, synchronize
 
 CLASSES = ["horizontal", "vertical", "box", "cross"]
 IMAGE_SIZE = 16
@@ -164,20 +164,34 @@ def make_shapes(n, seed, size=IMAGE_SIZE):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=8, help="passes over the training set (default: %(default)s)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=8,
+                        help="passes over the training set (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=0.05, help="peak SGD learning rate (default: %(default)s)")
-    parser.add_argument("--train-size", type=int, default=10000, help="generated training images (default: %(default)s)")
-    parser.add_argument("--val-size", type=int, default=2000, help="generated validation images (default: %(default)s)")
-    parser.add_argument("--channels", type=int, default=16, help="channels of the first conv layer (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes; 0 loads in the main process (default: %(default)s)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "blitz.pt"), help="checkpoint path (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision; auto: bf16 on GPUs from Ampere on, fp16 with a GradScaler on older GPUs (a T4), fp32 on CPUs and MPS (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=0.05,
+                        help="peak SGD learning rate (default: %(default)s)")
+    parser.add_argument("--train-size", type=int, default=10000,
+                        help="generated training images (default: %(default)s)")
+    parser.add_argument("--val-size", type=int, default=2000,
+                        help="generated validation images (default: %(default)s)")
+    parser.add_argument("--channels", type=int, default=16,
+                        help="channels of the first conv layer (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="DataLoader worker processes; 0 loads in the main process (default: "
+                             "%(default)s)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "blitz.pt"),
+                        help="checkpoint path (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                        help="mixed precision; auto: bf16 on GPUs from Ampere on, fp16 with a GradScaler on "
+                             "older GPUs (a T4), fp32 on CPUs and MPS (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    parser.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
-    parser.add_argument("--dry-run", action="store_true", help="one epoch of two batches: checks that every line runs, in seconds")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="one epoch of two batches: checks that every line runs, in seconds")
     args = parser.parse_args()
     if args.dry_run:  # pytorch/examples' --dry-run: the whole script once, on the smallest data
         args.epochs, args.train_size, args.val_size = 1, 2 * args.batch_size, args.batch_size
@@ -187,7 +201,8 @@ def main():
     amp_dtype, needs_scaler = precision_for(device, args.amp)  # common.py: the same rule in every train.py
 
     # Data: the training and validation sets come from different seeds, so they differ.
-    train_set, val_set = ShapesDataset(args.train_size, args.seed), ShapesDataset(args.val_size, args.seed + 1)
+    train_set, val_set = ShapesDataset(args.train_size,
+                                       args.seed), ShapesDataset(args.val_size, args.seed + 1)
     train_loader = DataLoader(
         train_set,
         batch_size=args.batch_size,
@@ -197,19 +212,21 @@ def main():
         drop_last=True,  # every step sees a full batch
     )
     val_loader = DataLoader(val_set, batch_size=512, shuffle=False)
-    print(f"data: {len(train_set)} train / {len(val_set)} val images of {tuple(train_set[0][0].shape)}, classes {CLASSES}")
+    print(f"data: {len(train_set)} train / {len(val_set)} val images of {tuple(train_set[0][0].shape)}, "
+          f"classes {CLASSES}")
 
     model_args = dict(channels=args.channels, hidden=64, n_classes=len(CLASSES))
     model = Net(**model_args).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params:,} parameters on {device}, autocast {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}"
-          f"{' +GradScaler' if needs_scaler else ''}\n{model}")
+    print(f"model: {n_params:,} parameters on {device}, autocast {precision_name(amp_dtype, needs_scaler)}")
+    print(model)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True)
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see common.choose_precision
     steps_per_epoch = len(train_loader)
     # One-cycle schedule (Smith & Topin 2018): warm up, then anneal; converges in few epochs.
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch)
+    total_steps = args.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps)
     out = Path(args.out)
     best_acc, start = -1.0, time.time()
     for epoch in range(1, args.epochs + 1):
@@ -220,7 +237,8 @@ def main():
         elapsed = time.time() - start
         val_loss, val_acc = evaluate(model, val_loader, device)
         print(f"epoch {epoch}/{args.epochs} | loss {loss.item():.4f} | "
-              f"{steps_per_epoch * args.batch_size / dt:,.0f} img/s | {1000 * dt / steps_per_epoch:.1f} ms/step | "
+              f"{steps_per_epoch * args.batch_size / dt:,.0f} img/s | {1000 * dt / steps_per_epoch:.1f} "
+              "ms/step | "
               f"elapsed {elapsed:.1f}s | eta {elapsed / epoch * (args.epochs - epoch):.1f}s | "
               f"val loss {val_loss:.4f} acc {100 * val_acc:.1f}%")
         if val_acc > best_acc:  # keep the best model seen so far
@@ -238,7 +256,8 @@ def main():
             }, out)
     train_seconds = time.time() - start
     print(f"saved best checkpoint to {out}")
-    print(f"result: val_acc={100 * best_acc:.2f} chance=25.00 epochs={args.epochs} train_seconds={train_seconds:.1f}")
+    print(f"result: val_acc={100 * best_acc:.2f} chance=25.00 epochs={args.epochs} "
+          f"train_seconds={train_seconds:.1f}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ def picture(image, color):
     lines = []
     for y in range(0, 32, 2):
         if color:  # "\x1b[38;2;R;G;Bm" sets the foreground, "48" the background, in 24-bit colour
-            cells = [f"\x1b[38;2;{a[0]};{a[1]};{a[2]}m\x1b[48;2;{b[0]};{b[1]};{b[2]}m\u2580" for a, b in zip(img[y], img[y + 1])]
+            cells = [f"\x1b[38;2;{a[0]};{a[1]};{a[2]}m\x1b[48;2;{b[0]};{b[1]};{b[2]}m\u2580"
+                     for a, b in zip(img[y], img[y + 1])]
             lines.append("".join(cells) + "\x1b[0m")
         else:
             grey = [(sum(a) + sum(b)) / (6 * 256) for a, b in zip(img[y], img[y + 1])]
@@ -40,18 +41,26 @@ def picture(image, color):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(Path(__file__).parent / "out" / "classifier.pt"), help="from classifier/train.py (default: %(default)s)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(Path(__file__).parent / "out" / "classifier.pt"),
+                        help="from classifier/train.py (default: %(default)s)")
     parser.add_argument("--n", type=int, default=4, help="random test images to show (default: %(default)s)")
     parser.add_argument("--index", type=int, default=None, help="show this test image instead")
-    parser.add_argument("--data-dir", default=None, help="cifar10 checkpoints: where the data is (default: where training found it)")
-    parser.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="24-bit colour pictures; auto: when printing to a terminal (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--data-dir", default=None,
+                        help="cifar10 checkpoints: where the data is (default: where training found it)")
+    parser.add_argument("--color", default="auto", choices=["auto", "always", "never"],
+                        help="24-bit colour pictures; auto: when printing to a terminal (default: "
+                             "%(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="picks the random images (default: %(default)s)")
+    parser.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, not a usage block
     args = parser.parse_args()
     seed_everything(args.seed)
     device = get_device(args.device)
-    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and "NO_COLOR" not in os.environ)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty()
+                                       and "NO_COLOR" not in os.environ)
 
     ckpt = load_checkpoint(args.checkpoint, device)
     config, classes = ckpt["config"], ckpt["classes"]
@@ -62,7 +71,8 @@ def main():
     mean, std = ckpt["mean"].view(1, 3, 1, 1).to(device), ckpt["std"].view(1, 3, 1, 1).to(device)
     amp_dtype, _ = precision_for(device, config.get("amp", "auto"), CPU_BF16)  # the same numerics as training
     tta = config.get("tta", 0)  # and the same test-time augmentation (checkpoints from before --tta had none)
-    print(f"loaded {args.checkpoint}: {config['model']} trained on {config['data']}, validation accuracy {100 * ckpt['best_val_acc']:.2f}%")
+    print(f"loaded {args.checkpoint}: {config['model']} trained on {config['data']}, validation accuracy "
+          f"{100 * ckpt['best_val_acc']:.2f}%")
 
     # The same test set training reported on: regenerated from the seed, or read from disk.
     if config["data"] == "shapes":
@@ -74,7 +84,8 @@ def main():
 
     if args.index is not None:
         if not 0 <= args.index < len(labels):
-            fail(f"--index {args.index} is out of range: the test set has {len(labels)} images (0-{len(labels) - 1})")
+            fail(f"--index {args.index} is out of range: the test set has {len(labels)} images "
+                 f"(0-{len(labels) - 1})")
         chosen = [args.index]
     else:
         chosen = torch.randperm(len(labels))[:args.n].tolist()
@@ -83,7 +94,8 @@ def main():
     for row, i in enumerate(chosen):
         top_p, top_k = probs[row].topk(3)
         text = [f"test image {i}: true class {classes[labels[i]]}"]
-        text += [f"  {100 * p:5.1f}%  {classes[k]}" + ("  <- correct" if k == labels[i] else "") for p, k in zip(top_p.tolist(), top_k.tolist())]
+        text += [f"  {100 * p:5.1f}%  {classes[k]}" + ("  <- correct" if k == labels[i] else "")
+                 for p, k in zip(top_p.tolist(), top_k.tolist())]
         for line, words in zip(picture(images[i], color), text + [""] * 16):
             print(line + "  " + words)
         print()
@@ -98,7 +110,8 @@ def main():
     print("most confused pairs (true -> predicted):")
     for count, f in zip(counts.tolist(), flat.tolist()):
         t, p = divmod(f, len(classes))
-        print(f"  {classes[t]:>10} -> {classes[p]:<10} {count:5d}  ({100 * count / max(1, cm[t].sum()):.1f}% of {classes[t]})")
+        print(f"  {classes[t]:>10} -> {classes[p]:<10} {count:5d}  ({100 * count / max(1, cm[t].sum()):.1f}% "
+              f"of {classes[t]})")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ lookahead, alternating flips, test-time augmentation), each trick commented wher
 device as one uint8 tensor and is augmented there with tensor ops, so no DataLoader or worker
 process is needed.
 
-    python classifier/train.py                              # generated shapes, about a minute on 2 CPU cores
-    python classifier/train.py --data cifar10 --time-limit 600   # real CIFAR-10, the best model 10 minutes allow
-    python classifier/train.py --data cifar10 --model lenet --epochs 2 --batch-size 4 --lr 0.001   # the tutorial
-    torchrun --nproc_per_node=2 classifier/train.py         # DistributedDataParallel, one process per GPU/core
-    python classifier/sample.py                             # classify test images from the checkpoint
+    python classifier/train.py                      # generated shapes; prints test accuracy
+    python classifier/train.py --data cifar10 --time-limit 600   # CIFAR-10, what 10 minutes allow
+    python classifier/train.py --data cifar10 --model lenet --epochs 2 --batch-size 4 --lr 0.001
+    torchrun --nproc_per_node=2 classifier/train.py  # DistributedDataParallel, a process per GPU/core
+    python classifier/sample.py                     # classify test images from the checkpoint
 
 `--time-limit SECONDS` replaces `--epochs`: the speed of the first steps is measured and the
 plan printed (steps, epochs), and training progress is then counted in seconds rather than
@@ -45,14 +45,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
-from common import autocast, get_device, precision_for, seed_everything, synchronize, torchrun_device
+from common import (autocast, get_device, precision_for, precision_name, seed_everything, synchronize,
+                    torchrun_device)
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 CIFAR_FOLDER = "cifar-10-batches-bin"
 CIFAR_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
 CIFAR_CLASSES = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-SHAPE_CLASSES = ["disk", "ring", "square", "outline", "triangle", "plus", "bar", "half-disk", "two-dots", "flower"]
+SHAPE_CLASSES = ["disk", "ring", "square", "outline", "triangle", "plus", "bar", "half-disk", "two-dots",
+                 "flower"]
 RECORD = 1 + 3 * 32 * 32  # bytes per CIFAR record
 
 
@@ -66,7 +68,8 @@ RECORD = 1 + 3 * 32 * 32  # bytes per CIFAR record
 # 11.5 * 256 / (1024 * (1 + 1 / 0.15)) = 0.375, and its weight decay 0.0153 per unit of lr.
 RECIPES = {
     "airbench": dict(
-        width=64,  # channels of the first conv group; the next two have twice as many (airbench93: 64/128/128)
+        # channels of the first conv group; the next two have twice as many (airbench93: 64/128/128)
+        width=64,
         epochs=4,  # passes over the training images
         batch_size=256,  # images per step (airbench: 1024; smaller batches fit a CPU's caches)
         lr=0.375,  # peak learning rate of the triangle schedule
@@ -93,7 +96,8 @@ RECIPES = {
 EARLY_UNTIL = 0.4  # the fraction of training that uses the early (smaller) crops
 
 
-CPU_BF16 = True  # --amp auto uses bf16 on CPUs with native bf16: convolutions gain from it (common.choose_precision)
+# --amp auto uses bf16 on CPUs with native bf16: convolutions gain from it (common.choose_precision)
+CPU_BF16 = True
 
 
 def recipe_defaults(key):
@@ -181,7 +185,8 @@ class ConvGroup(nn.Module):
         self.norm2 = nn.BatchNorm2d(c_out, eps=1e-12, momentum=0.4)
         for norm in (self.norm1, self.norm2):
             norm.weight.requires_grad_(False)  # airbench: BN keeps its learned shift but no learned scale
-        for conv in (self.conv1, self.conv2):  # airbench: "dirac" init, the first c_in filters start as the identity
+        # airbench: "dirac" init, the first c_in filters start as the identity
+        for conv in (self.conv1, self.conv2):
             nn.init.dirac_(conv.weight.data[:conv.weight.shape[1]])
 
     def forward(self, x):
@@ -273,7 +278,8 @@ def find_cifar(data_dir, explicit):
     """Return the cifar-10-batches-bin folder, extracting or downloading only what is missing."""
     data_dir = Path(data_dir)
     if explicit and not data_dir.exists():
-        fail(f"--data-dir {data_dir} does not exist: give a {CIFAR_FOLDER}/ folder, its parent, or cifar-10-binary.tar.gz")
+        fail(f"--data-dir {data_dir} does not exist: give a {CIFAR_FOLDER}/ folder, its parent, or "
+             "cifar-10-binary.tar.gz")
     if data_dir.is_file():  # the tarball itself
         return extract_cifar(data_dir, data_dir.parent)
     for folder in (data_dir, data_dir / CIFAR_FOLDER):
@@ -288,7 +294,8 @@ def find_cifar(data_dir, explicit):
         try:
             urllib.request.urlretrieve(CIFAR_URL, tarball.with_suffix(".part"))
         except OSError as e:
-            fail(f"could not download CIFAR-10 ({e}); offline? fetch {CIFAR_URL} elsewhere and pass it with --data-dir")
+            fail(f"could not download CIFAR-10 ({e}); offline? fetch {CIFAR_URL} elsewhere and pass it with "
+                 "--data-dir")
         os.replace(tarball.with_suffix(".part"), tarball)
     return extract_cifar(tarball, data_dir)
 
@@ -299,7 +306,8 @@ def read_cifar_file(path):
         fail(f"{path} is missing: the CIFAR-10 folder is incomplete")
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0 or raw.size % RECORD:
-        fail(f"{path} is truncated or not a CIFAR-10 binary file ({raw.size} bytes is not a multiple of {RECORD})")
+        fail(f"{path} is truncated or not a CIFAR-10 binary file ({raw.size} bytes is not a multiple of "
+             f"{RECORD})")
     records = raw.reshape(-1, RECORD)
     labels = records[:, 0].astype(np.int64)
     if labels.max() > 9:
@@ -310,7 +318,8 @@ def read_cifar_file(path):
 def load_data(args):
     """Returns (train_x, train_y, test_x, test_y, classes) with images uint8 (N, 3, 32, 32)."""
     if args.data == "shapes":
-        return (*make_shapes(args.train_size, args.seed), *make_shapes(args.test_size, args.seed + 1), SHAPE_CLASSES)
+        return (*make_shapes(args.train_size, args.seed), *make_shapes(args.test_size, args.seed + 1),
+                SHAPE_CLASSES)
     folder = find_cifar(args.data_dir or Path(__file__).parent / "data", explicit=args.data_dir is not None)
     parts = [read_cifar_file(folder / name) for name in CIFAR_FILES]
     train_x, train_y = torch.cat([p[0] for p in parts[:5]]), torch.cat([p[1] for p in parts[:5]])
@@ -327,7 +336,8 @@ def augment(x, pad, flip, size=32):
     dx = torch.randint(0, W + 2 * pad - size + 1, (B, 1, 1), device=x.device)
     rows = torch.arange(size, device=x.device).view(1, size, 1) + dy  # (B, size, 1)
     cols = torch.arange(size, device=x.device).view(1, 1, size)
-    cols = torch.where(flip.view(B, 1, 1), size - 1 - cols, cols) + dx  # (B, 1, size): read the crop right to left to flip
+    # (B, 1, size): read the crop right to left to flip
+    cols = torch.where(flip.view(B, 1, 1), size - 1 - cols, cols) + dx
     batch = torch.arange(B, device=x.device).view(B, 1, 1)
     return xp.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, C, size, size)
 
@@ -348,7 +358,8 @@ class DeviceLoader:
 
     def order(self, epoch):
         """A new shuffle every epoch, the same in every process (same seed)."""
-        return torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+        return torch.randperm(len(self.labels),
+                              generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
 
     def batch(self, order, i, epoch, crop):
         """Batch i of the epoch: this process's share, augmented, normalised, channels last."""
@@ -433,7 +444,8 @@ class Lookahead:
 
     def averaged(self):
         """A state dict of the net with the slow copy's values: what is validated and saved."""
-        return {k: self.slow[k].clone() if k in self.slow else v.clone() for k, v in self.net.state_dict().items()}
+        return {k: self.slow[k].clone() if k in self.slow else v.clone()
+                for k, v in self.net.state_dict().items()}
 
 
 def plan_time_limit(budget, t_step, early_crop, steps_per_epoch, recipe):
@@ -441,9 +453,10 @@ def plan_time_limit(budget, t_step, early_crop, steps_per_epoch, recipe):
     # whole images cost about (31 / (crop - 1))^2 as much: the pixels after the 2x2 whitening
     slower = (31 / (early_crop - 1)) ** 2
     steps = budget * (EARLY_UNTIL / t_step + (1 - EARLY_UNTIL) / (t_step * slower))
-    return (f"plan: {budget:.0f} s at {t_step:.3f} s/step -> about {steps:.0f} steps ({steps / steps_per_epoch:.1f} epochs)"
-            + (f"; {early_crop}x{early_crop} crops until {EARLY_UNTIL * budget:.0f} s, then whole images at about "
-               f"{t_step * slower:.3f} s/step" if slower > 1 else "")
+    return (f"plan: {budget:.0f} s at {t_step:.3f} s/step -> about {steps:.0f} steps "
+            f"({steps / steps_per_epoch:.1f} epochs)"
+            + (f"; {early_crop}x{early_crop} crops until {EARLY_UNTIL * budget:.0f} s, "
+               f"then whole images at about {t_step * slower:.3f} s/step" if slower > 1 else "")
             + f"; learning rate {recipe['schedule']}" + "; lookahead" * recipe["lookahead"])
 
 
@@ -465,7 +478,8 @@ def load_checkpoint(path, device):
     except Exception as e:
         fail(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "classifier":
-        fail(f"{path} is not a classifier checkpoint (it was written by another script): train one with python classifier/train.py")
+        fail(f"{path} is not a classifier checkpoint (it was written by another script): train one with "
+             "python classifier/train.py")
     return ckpt
 
 
@@ -538,14 +552,16 @@ def make_shapes(n, seed):
         lambda u, v, r, phi, box: ((u.abs() < 0.28) | (v.abs() < 0.28)) & (box < 1),  # plus
         lambda u, v, r, phi, box: (u.abs() < 1) & (v.abs() < 0.3),  # bar
         lambda u, v, r, phi, box: (r < 1) & (v > 0),  # half-disk
-        lambda u, v, r, phi, box: ((u - 0.55) ** 2 + v**2 < 0.16) | ((u + 0.55) ** 2 + v**2 < 0.16),  # two dots
+        # two dots
+        lambda u, v, r, phi, box: ((u - 0.55) ** 2 + v**2 < 0.16) | ((u + 0.55) ** 2 + v**2 < 0.16),
         lambda u, v, r, phi, box: r < 0.55 + 0.45 * torch.cos(5 * phi),  # five-petal flower
     ]
     mask = torch.zeros(n, 32, 32, dtype=torch.bool)
     for k, inside in enumerate(shapes):  # only the images of class k are drawn as shape k
         sel = labels == k
         uk, vk = u[sel], v[sel]
-        mask[sel] = inside(uk, vk, (uk**2 + vk**2).sqrt(), torch.atan2(vk, uk), torch.maximum(uk.abs(), vk.abs()))
+        mask[sel] = inside(uk, vk, (uk**2 + vk**2).sqrt(), torch.atan2(vk, uk),
+                           torch.maximum(uk.abs(), vk.abs()))
     # Background: a colour gradient plus clutter (five random rectangles), then the shape in
     # a colour at least some distance from the background's, then pixel noise.
     ramp = torch.linspace(0, 1, 32)
@@ -566,28 +582,57 @@ def make_shapes(n, seed):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="shapes", choices=["shapes", "cifar10"], help="data set (default: %(default)s)")
-    parser.add_argument("--data-dir", default=None, help="cifar-10-batches-bin/ folder, its parent, or cifar-10-binary.tar.gz (default: classifier/data, downloaded when missing)")
-    parser.add_argument("--train-size", type=int, default=16000, help="shapes: generated training images (default: %(default)s)")
-    parser.add_argument("--test-size", type=int, default=5000, help="shapes: generated test images (default: %(default)s)")
-    parser.add_argument("--val-size", type=int, default=2000, help="training images held out to pick the best epoch (default: %(default)s)")
-    parser.add_argument("--model", default="airbench", choices=list(RECIPES), help="the network and its recipe; lenet is the tutorial's (default: %(default)s)")
-    parser.add_argument("--width", type=int, default=None, help=f"channels of the first stage (default: {recipe_defaults('width')})")
-    parser.add_argument("--epochs", type=int, default=None, help=f"passes over the data (default: {recipe_defaults('epochs')})")
-    parser.add_argument("--time-limit", type=float, default=None, help="train for this many seconds instead of --epochs: the schedule is planned from the measured speed")
-    parser.add_argument("--batch-size", type=int, default=None, help=f"images per step, all processes together (default: {recipe_defaults('batch_size')})")
-    parser.add_argument("--lr", type=float, default=None, help=f"(peak) learning rate (default: {recipe_defaults('lr')})")
-    parser.add_argument("--early-crop", type=int, default=None, help=f"random crops of this size for the first {100 * EARLY_UNTIL:.0f}%% of training, whole 32x32 images after; 32 is off (default: {recipe_defaults('early_crop')})")
-    parser.add_argument("--tta", type=int, default=None, choices=[0, 1, 2], help=f"test-time augmentation: 0 none, 1 mirror, 2 mirror and shifts (default: {recipe_defaults('tta')})")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision; auto: bf16 on GPUs from Ampere on and CPUs with native bf16, fp16 with a GradScaler on older GPUs (a T4), fp32 elsewhere (default: %(default)s)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (slow to start, faster per step)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "classifier.pt"), help="checkpoint path (default: %(default)s)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="shapes", choices=["shapes", "cifar10"],
+                        help="data set (default: %(default)s)")
+    parser.add_argument("--data-dir", default=None,
+                        help="cifar-10-batches-bin/ folder, its parent, or cifar-10-binary.tar.gz (default: "
+                             "classifier/data, downloaded when missing)")
+    parser.add_argument("--train-size", type=int, default=16000,
+                        help="shapes: generated training images (default: %(default)s)")
+    parser.add_argument("--test-size", type=int, default=5000,
+                        help="shapes: generated test images (default: %(default)s)")
+    parser.add_argument("--val-size", type=int, default=2000,
+                        help="training images held out to pick the best epoch (default: %(default)s)")
+    parser.add_argument("--model", default="airbench", choices=list(RECIPES),
+                        help="the network and its recipe; lenet is the tutorial's (default: %(default)s)")
+    parser.add_argument("--width", type=int, default=None,
+                        help=f"channels of the first stage (default: {recipe_defaults('width')})")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"passes over the data (default: {recipe_defaults('epochs')})")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="train for this many seconds instead of --epochs: the schedule is planned from "
+                             "the measured speed")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"images per step, all processes together (default: "
+                             f"{recipe_defaults('batch_size')})")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"(peak) learning rate (default: {recipe_defaults('lr')})")
+    parser.add_argument("--early-crop", type=int, default=None,
+                        help=f"random crops of this size for the first {100 * EARLY_UNTIL:.0f}%% of "
+                             f"training, whole 32x32 images after; 32 is off (default: "
+                             f"{recipe_defaults('early_crop')})")
+    parser.add_argument("--tta", type=int, default=None, choices=[0, 1, 2],
+                        help=f"test-time augmentation: 0 none, 1 mirror, 2 mirror and shifts (default: "
+                             f"{recipe_defaults('tta')})")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                        help="mixed precision; auto: bf16 on GPUs from Ampere on and CPUs with native bf16, "
+                             "fp16 with a GradScaler on older GPUs (a T4), fp32 elsewhere (default: "
+                             "%(default)s)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (slow to start, faster per step)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "classifier.pt"),
+                        help="checkpoint path (default: %(default)s)")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    parser.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
-    parser.add_argument("--dry-run", action="store_true", help="two steps, one evaluation, a checkpoint: checks that every line runs, in seconds")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="two steps, one evaluation, a checkpoint: checks that every line runs, in "
+                             "seconds")
     parser.error = lambda message: fail(f"{message} (see --help)")  # one line, not argparse's usage block
     args = parser.parse_args()
     if args.dry_run:  # pytorch/examples' --dry-run: the whole script once, on the least data
@@ -603,7 +648,8 @@ def main():
         fail("--time-limit needs a positive number of seconds, and a fresh run (not --resume)")
 
     # Distributed: torchrun starts one process per GPU (or per CPU slot) and sets these variables.
-    world, distributed = int(os.environ.get("WORLD_SIZE", 1)), "LOCAL_RANK" in os.environ  # under torchrun, even with one process
+    # under torchrun, even with one process
+    world, distributed = int(os.environ.get("WORLD_SIZE", 1)), "LOCAL_RANK" in os.environ
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if distributed:
         device, backend = torchrun_device(args.device)  # GPU number local_rank (NCCL), or the CPU (Gloo)
@@ -616,25 +662,29 @@ def main():
         device = get_device(args.device)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    seed_everything(args.seed, args.deterministic)  # the same seed everywhere: every process starts from the same weights
+    # the same seed everywhere: every process starts from the same weights
+    seed_everything(args.seed, args.deterministic)
     if device.type == "cuda" and not args.deterministic:
-        torch.backends.cudnn.benchmark = True  # the shapes never change: time cuDNN's algorithms once, keep the fastest
+        # the shapes never change: time cuDNN's algorithms once, keep the fastest
+        torch.backends.cudnn.benchmark = True
     amp_dtype, needs_scaler = precision_for(device, args.amp, CPU_BF16)
     log("settings:", " ".join(f"{k}={v}" for k, v in vars(args).items()),
-        f"world={world} autocast={str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}{' +GradScaler' if needs_scaler else ''}")
+        f"world={world} autocast={precision_name(amp_dtype, needs_scaler)}")
 
     # ---- data, on the device as uint8; a seeded validation split held out of training
     train_x, train_y, test_x, test_y, classes = load_data(args)
     perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed))
     val_idx, train_idx = perm[:args.val_size], perm[args.val_size:]
-    val_x, val_y, train_x, train_y = train_x[val_idx], train_y[val_idx], train_x[train_idx], train_y[train_idx]
+    val_x, val_y = train_x[val_idx], train_y[val_idx]
+    train_x, train_y = train_x[train_idx], train_y[train_idx]
     if args.model == "lenet":  # the tutorial's Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         mean, std = torch.full((3,), 0.5), torch.full((3,), 0.5)
     else:  # per-channel statistics of the training images
         mean, std = (train_x.float() / 255).mean((0, 2, 3)), (train_x.float() / 255).std((0, 2, 3))
     mean, std = mean.view(1, 3, 1, 1).to(device), std.view(1, 3, 1, 1).to(device)
     train_x, train_y = train_x.to(device), train_y.to(device)
-    log(f"data: {args.data}, {len(train_y)} train / {len(val_y)} val / {len(test_y)} test images, classes {classes}")
+    log(f"data: {args.data}, {len(train_y)} train / {len(val_y)} val / {len(test_y)} test images, classes "
+        f"{classes}")
 
     if args.dry_run:
         test_x, test_y = test_x[:args.test_size], test_y[:args.test_size]
@@ -655,11 +705,13 @@ def main():
     # fused: one kernel updates every tensor, and with the GradScaler it skips overflowed steps on the
     # device instead of asking the host (a sync) at every step
     optimizer = torch.optim.SGD([dict(params=weights, weight_decay=recipe["weight_decay"], lr=args.lr),
-                                 dict(params=biases, weight_decay=bias_decay, lr=args.lr * recipe["bias_lr"])],
+                                 dict(params=biases, weight_decay=bias_decay,
+                                      lr=args.lr * recipe["bias_lr"])],
                                 momentum=recipe["momentum"], nesterov=args.model != "lenet",
                                 fused=device.type in ("cuda", "cpu"))
     for group in optimizer.param_groups:
-        group["initial_lr"] = group["lr"]  # the peak, which the schedule scales (PyTorch's schedulers use this key too)
+        # the peak, which the schedule scales (PyTorch's schedulers use this key too)
+        group["initial_lr"] = group["lr"]
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see choose_precision
     steps_per_epoch = len(train_y) // args.batch_size
     if steps_per_epoch == 0:
@@ -679,7 +731,8 @@ def main():
             synchronize(device)  # a GPU's clock reading needs its queue emptied (twice per run)
             clock[step] = time.time()
             if step == 8:
-                log(plan_time_limit(budget, (clock[8] - clock[3]) / 5, args.early_crop, steps_per_epoch, recipe))
+                log(plan_time_limit(budget, (clock[8] - clock[3]) / 5, args.early_crop, steps_per_epoch,
+                                    recipe))
         p = (time.time() - start) / budget
         if distributed:  # rank 0's clock for all, so all processes stop at the same step
             p = torch.tensor([p], device=device)
@@ -700,7 +753,8 @@ def main():
         log(f"resumed {out} after epoch {start_epoch} (best val acc {100 * best_acc:.2f}%)")
     model = net
     if distributed:  # DDP averages gradients across processes during backward
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
+        device_ids = [local_rank] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
     if args.compile:
         model = torch.compile(model)
     eval_net = copy.deepcopy(net)  # validates the slow (averaged) weights while the fast ones train on
@@ -712,7 +766,8 @@ def main():
         # which x86 CPUs handle in slow microcode; flushing them to zero avoids that.
         torch.set_flush_denormal(True)
     p = p0 = 0.0 if budget else start_epoch / args.epochs
-    epochs = itertools.count(start_epoch) if budget else range(start_epoch, args.epochs)  # a time limit ends by the clock
+    # a time limit ends by the clock
+    epochs = itertools.count(start_epoch) if budget else range(start_epoch, args.epochs)
     for epoch in epochs:
         t0 = time.time()
         step, n_steps, loss_sum = train_epoch(model, optimizer, scaler, loader, epoch, step, progress, recipe,
@@ -723,13 +778,15 @@ def main():
         dt = time.time() - t0
         seen += n_steps * args.batch_size
         eval_net.load_state_dict(lookahead.averaged() if lookahead else net.state_dict())
-        val_acc = (predict(eval_net, val_x, mean, std, device, amp_dtype).argmax(1).cpu() == val_y).float().mean().item() if len(val_y) else 0.0
+        val_acc = (predict(eval_net, val_x, mean, std, device,
+                           amp_dtype).argmax(1).cpu() == val_y).float().mean().item() if len(val_y) else 0.0
         elapsed = time.time() - start
         p = progress(step)
         planned = f"{args.epochs}" if not budget else f"~{(epoch + 1) / max(p, 1e-9):.1f}"
         log(f"epoch {epoch + 1}/{planned} | loss {loss_sum.item() / n_steps:.4f} | "
             f"{n_steps * args.batch_size / dt:,.0f} img/s | {1000 * dt / n_steps:.1f} ms/step | "
-            f"elapsed {elapsed:.0f}s | eta {elapsed / max(p - p0, 1e-9) * max(0.0, 1 - p):.0f}s | val acc {100 * val_acc:.2f}%")
+            f"elapsed {elapsed:.0f}s | eta {elapsed / max(p - p0, 1e-9) * max(0.0, 1 - p):.0f}s | val acc "
+            f"{100 * val_acc:.2f}%")
         if val_acc >= best_acc or best_state is None:
             best_acc, best_state = val_acc, {k: v.detach().clone() for k, v in eval_net.state_dict().items()}
         if master:
@@ -755,11 +812,14 @@ def main():
     pred = predict(net, test_x, mean, std, device, amp_dtype, args.tta).argmax(1).cpu()
     test_acc = (pred == test_y).float().mean().item()
     if master:
-        print(f"saved {out}; best val acc {100 * best_acc:.2f}%; test accuracy of that model: {100 * test_acc:.2f}% "
+        print(f"saved {out}; best val acc {100 * best_acc:.2f}%; test accuracy of that model: "
+              f"{100 * test_acc:.2f}% "
               f"(test-time augmentation level {args.tta}, {time.time() - t0:.1f} s)")
         print_evaluation(confusion_matrix(pred, test_y, len(classes)), classes)
-        print(f"result: test_acc={100 * test_acc:.2f} val_acc={100 * best_acc:.2f} chance={100 / len(classes):.2f} "
-              f"model={args.model} data={args.data} epochs={step / steps_per_epoch:.2f} train_seconds={train_seconds:.1f} "
+        print(f"result: test_acc={100 * test_acc:.2f} val_acc={100 * best_acc:.2f} "
+              f"chance={100 / len(classes):.2f} "
+              f"model={args.model} data={args.data} epochs={step / steps_per_epoch:.2f} "
+              f"train_seconds={train_seconds:.1f} "
               f"img_per_s={seen / max(train_seconds, 1e-9):.0f} world={world}")
     if distributed:
         dist.destroy_process_group()

@@ -35,13 +35,19 @@ def attention_map(src_words, out_words, weights):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sentences", nargs="*", help="sentences to translate (default: read stdin, one per line)")
-    parser.add_argument("--checkpoint", default=str(Path(__file__).parent / "out" / "seq2seq.pt"), help="from seq2seq/train.py (default: %(default)s)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sentences", nargs="*",
+                        help="sentences to translate (default: read stdin, one per line)")
+    parser.add_argument("--checkpoint", default=str(Path(__file__).parent / "out" / "seq2seq.pt"),
+                        help="from seq2seq/train.py (default: %(default)s)")
     parser.add_argument("--beam", type=int, default=1, help="beam size; 1 is greedy (default: %(default)s)")
-    parser.add_argument("--attention-map", action="store_true", help="print the attention matrix of each translation")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--attention-map", action="store_true",
+                        help="print the attention matrix of each translation")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, not a usage block
     args = parser.parse_args()
     seed_everything(args.seed)
     device = get_device(args.device)
@@ -51,7 +57,8 @@ def main():
     max_length = ckpt["max_length"]
     interactive = not args.sentences and sys.stdin.isatty()
     if interactive:
-        print(f"loaded {args.checkpoint} (validation BLEU {ckpt['best_val_bleu']:.3f}); type a sentence, q to quit")
+        print(f"loaded {args.checkpoint} (validation BLEU {ckpt['best_val_bleu']:.3f}); type a sentence, q "
+              "to quit")
 
     def translate(text):
         """Print the translation of one sentence; return False if the input was unusable."""
@@ -60,7 +67,8 @@ def main():
             print("error: empty sentence: nothing to translate", file=sys.stderr)
             return False
         if len(words) >= max_length:
-            print(f"error: {len(words)} words is too long: this model was trained on sentences under {max_length} words", file=sys.stderr)
+            print(f"error: {len(words)} words is too long: this model was trained on sentences under "
+                  f"{max_length} words", file=sys.stderr)
             return False
         ids = src_vocab.encode(" ".join(words))
         unknown = [w for w, i in zip(words, ids) if i == UNK]
@@ -70,7 +78,8 @@ def main():
             ids, words = ids[::-1], words[::-1]
         src = torch.tensor([ids], device=device)
         with torch.no_grad():
-            tokens, weights = model.beam_search(src, torch.tensor([len(ids)], device=device), args.beam, max_length + 1)
+            src_len = torch.tensor([len(ids)], device=device)
+            tokens, weights = model.beam_search(src, src_len, args.beam, max_length + 1)
         out_ids = strip_eos(tokens)
         print(f"{' '.join(words)} -> {tgt_vocab.decode(out_ids)}")
         if args.attention_map:

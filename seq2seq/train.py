@@ -6,18 +6,23 @@ source (Sutskever et al. 2014), a decoder GRU that attends to it (Bahdanau et al
 three scores of Luong et al. 2015), teacher forcing, masked loss, gradient clipping, greedy
 and beam-search decoding, corpus BLEU-4 on a held-out split, and attention maps.
 
-    python seq2seq/train.py                                   # built-in French->English corpus: BLEU 0.9996, ~50 s on 2 CPU cores
-    python seq2seq/train.py --attention none                  # the same without attention, for comparison
-    python seq2seq/train.py --data eng-fra                    # the tutorial's data.zip, downloaded once and SHA-256-checked
-    python seq2seq/train.py --data data.zip                   # a copy you have (the zip or eng-fra.txt, or any pairs)
-    python seq2seq/sample.py "elle est plus grande que moi ."  # translate with the checkpoint
+    python seq2seq/train.py                    # built-in French->English corpus; prints test BLEU
+    python seq2seq/train.py --attention none   # the same without attention, for comparison
+    python seq2seq/train.py --data eng-fra     # the tutorial's data.zip, downloaded once, SHA-256-checked
+    python seq2seq/train.py --data data.zip    # a copy you have (the zip, eng-fra.txt or any pairs)
+    python seq2seq/sample.py "elle est plus grande que moi ."   # translate with the checkpoint
+
+A run prints the settings, the data and the model, then one line per epoch (loss, pairs/s, val
+BLEU) with two validation translations, and ends with the test BLEU of the best epoch and a
+`result:` line. seq2seq/README.md shows a real run and what to expect.
 
 Speed: with Luong attention (dot/general/concat) and full teacher forcing the decoder GRU
 runs over the whole target sequence in one call and attention is one batched matmul. Bahdanau
 attention (whose query is the previous decoder state) and free-running steps need a Python
 loop over time; there the GRU equations are written out so that each step costs one weight
-product (Decoder.bahdanau_fused, tested equal to the tutorial's step, bahdanau_plain). Batches are bucketed by length, so little is padding; the
-output layer sees only real target positions, in bf16 where the hardware has it.
+product (Decoder.bahdanau_fused, tested equal to the tutorial's step, Decoder.bahdanau_plain).
+Batches are bucketed by length, so little is padding; the output layer sees only real target
+positions, in bf16 where the hardware has it.
 """
 import argparse
 import hashlib
@@ -40,7 +45,8 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
-from common import autocast, cpu_has_native_bf16, get_device, precision_for, rnn_fp32, seed_everything, synchronize
+from common import (autocast, cpu_has_native_bf16, get_device, precision_for, precision_name, rnn_fp32,
+                    seed_everything, synchronize)
 
 PAD, SOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<sos>", "<eos>", "<unk>"]
@@ -61,7 +67,8 @@ class Encoder(nn.Module):
     def __init__(self, vocab, hidden, layers, bidirectional, dropout):
         super().__init__()
         self.embedding = nn.Embedding(vocab, hidden, padding_idx=PAD)
-        self.gru = nn.GRU(hidden, hidden, layers, batch_first=True, bidirectional=bidirectional, dropout=dropout if layers > 1 else 0.0)
+        self.gru = nn.GRU(hidden, hidden, layers, batch_first=True, bidirectional=bidirectional,
+                          dropout=dropout if layers > 1 else 0.0)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, src, src_len):  # src (B, S)
@@ -87,7 +94,9 @@ class Attention(nn.Module):
         super().__init__()
         self.kind = kind
         if kind in ("bahdanau", "concat"):
-            self.W, self.U, self.v = nn.Linear(hidden, hidden, bias=False), nn.Linear(hidden, hidden), nn.Linear(hidden, 1, bias=False)
+            self.W = nn.Linear(hidden, hidden, bias=False)  # applied to the query (the decoder state)
+            self.U = nn.Linear(hidden, hidden)  # applied to the keys (the encoder states)
+            self.v = nn.Linear(hidden, 1, bias=False)
         elif kind == "general":
             self.W = nn.Linear(hidden, hidden, bias=False)
 
@@ -96,15 +105,18 @@ class Attention(nn.Module):
             return self.U(enc_out)
         return self.W(enc_out) if self.kind == "general" else enc_out
 
-    def forward(self, query, keys, values, pad_bias):  # query (B, T, H), keys (B, S, H), values (B, S, D), pad_bias (B, S)
-        return self.attend(self.W(query) if self.kind in ("bahdanau", "concat") else query, keys, values, pad_bias)
+    # query (B, T, H), keys (B, S, H), values (B, S, D), pad_bias (B, S)
+    def forward(self, query, keys, values, pad_bias):
+        return self.attend(self.W(query) if self.kind in ("bahdanau", "concat") else query, keys, values,
+                           pad_bias)
 
     def attend(self, q, keys, values, pad_bias):  # q (B, T, H): the query after its own projection, if any
         if self.kind in ("bahdanau", "concat"):
             scores = self.v(torch.tanh(q.unsqueeze(2) + keys.unsqueeze(1))).squeeze(-1)  # (B, T, S)
         else:
             scores = q @ keys.transpose(1, 2)  # (B, T, S): one batched matmul for every step
-        weights = (scores + pad_bias.unsqueeze(1)).softmax(-1)  # pad_bias is -inf at padding: it gets no weight
+        # pad_bias is -inf at padding: it gets no weight
+        weights = (scores + pad_bias.unsqueeze(1)).softmax(-1)
         return weights @ values, weights  # context (B, T, D), weights (B, T, S)
 
 
@@ -124,7 +136,8 @@ class Decoder(nn.Module):
         self.out = nn.Linear(hidden, vocab)
         self.dropout = nn.Dropout(dropout)
         self.bf16_output = False  # a speed setting, not saved: train.py turns it on where bf16 is fast
-        self.fused = True  # Bahdanau: the fused step (bahdanau_fused) instead of bahdanau_plain; the same numbers
+        # Bahdanau: the fused step (bahdanau_fused) instead of bahdanau_plain; the same numbers
+        self.fused = True
 
     def memory(self, enc_out, src_len):
         """What every step needs from the source, computed once per sentence: attention keys,
@@ -137,7 +150,8 @@ class Decoder(nn.Module):
             # attends over these (B, S, 3H) values directly: no context product inside the loop.
             folded = F.linear(enc_out, self.gru.weight_ih_l0[:, self.gru.hidden_size:])
         src_len = src_len.to(enc_out.device, non_blocking=True)  # from the host, without waiting for the GPU
-        pad = torch.arange(enc_out.shape[1], device=enc_out.device).unsqueeze(0) >= src_len.unsqueeze(1)  # (B, S)
+        # (B, S)
+        pad = torch.arange(enc_out.shape[1], device=enc_out.device).unsqueeze(0) >= src_len.unsqueeze(1)
         pad_bias = torch.zeros(pad.shape, device=enc_out.device).masked_fill(pad, float("-inf"))
         return keys, enc_out, pad_bias, folded
 
@@ -151,7 +165,8 @@ class Decoder(nn.Module):
             out, hidden = rnn_fp32(self.gru, x, hidden)  # all T steps in one call
             if self.attention is not None:
                 context, weights = self.attention(out, *memory[:3])
-                out = torch.tanh(self.combine(torch.cat([out, context], -1)))  # Luong eq. 5: h~ = tanh(Wc [c; h])
+                # Luong eq. 5: h~ = tanh(Wc [c; h])
+                out = torch.tanh(self.combine(torch.cat([out, context], -1)))
         return out, hidden, weights  # features (B, T, H): self.project turns them into logits
 
     def bahdanau_plain(self, x, hidden, keys, values, pad_bias, folded=None):
@@ -179,7 +194,8 @@ class Decoder(nn.Module):
         - the attention query W s_{t-1} and the recurrent gates W_hh s_{t-1} read the same
           state, so one product with the two weight matrices stacked gives both."""
         g, H, L = self.gru, self.gru.hidden_size, self.gru.num_layers
-        w_ih = [getattr(g, f"weight_ih_l{l}") for l in range(L)]  # layer 0: (3H, 2H) for [word; context], the others (3H, H)
+        # layer 0: (3H, 2H) for [word; context], the others (3H, H)
+        w_ih = [getattr(g, f"weight_ih_l{l}") for l in range(L)]
         b_ih = [getattr(g, f"bias_ih_l{l}") for l in range(L)]
         w_hh = [getattr(g, f"weight_hh_l{l}") for l in range(L)]  # (3H, H)
         b_hh = [getattr(g, f"bias_hh_l{l}") for l in range(L)]
@@ -191,13 +207,18 @@ class Decoder(nn.Module):
         # (Whole tensors are split and unbound rather than sliced with [:, a:b] inside the loop:
         # the backward of a slice allocates a zero tensor of the full size at every step.)
         for t in range(x.shape[1]):
-            *top_gates, q = F.linear(h[-1], w_top, b_top).split([2 * H, H, H], -1)  # r|z (B, 2H), n (B, H), query (B, H)
-            context_gates, w = self.attention.attend(q.unsqueeze(1), keys, folded, pad_bias)  # W_c c_t (B, 1, 3H), (B, 1, S)
+            # r|z (B, 2H), n (B, H), query (B, H)
+            *top_gates, q = F.linear(h[-1], w_top, b_top).split([2 * H, H, H], -1)
+            # W_c c_t (B, 1, 3H), (B, 1, S)
+            context_gates, w = self.attention.attend(q.unsqueeze(1), keys, folded, pad_bias)
             inp = word_gates[t] + context_gates.squeeze(1)  # layer 0's input gates (B, 3H)
             for l in range(L):
                 if l > 0:  # the layer below's new state, with nn.GRU's dropout between layers
                     inp = F.linear(F.dropout(h[l - 1], g.dropout, self.training), w_ih[l], b_ih[l])
-                rec_rz, rec_n = top_gates if l == L - 1 else F.linear(h[l], w_hh[l], b_hh[l]).split([2 * H, H], -1)
+                if l == L - 1:
+                    rec_rz, rec_n = top_gates
+                else:
+                    rec_rz, rec_n = F.linear(h[l], w_hh[l], b_hh[l]).split([2 * H, H], -1)
                 inp_rz, inp_n = inp.split([2 * H, H], -1)
                 r, z = torch.sigmoid(inp_rz + rec_rz).chunk(2, -1)  # reset and update gates (B, H) each
                 n = torch.tanh(inp_n + r * rec_n)  # candidate state
@@ -207,20 +228,24 @@ class Decoder(nn.Module):
         return torch.stack(outs, 1), torch.stack(h), torch.cat(ws, 1)  # (B, T, H), (L, B, H), (B, T, S)
 
     def project(self, features):  # (..., H) -> (..., V) logits over the target vocabulary
-        # The largest product of the model (N x H x V): with bf16_output it alone runs in bf16 (see bf16_output_layer).
-        with torch.autocast(features.device.type, dtype=torch.bfloat16) if self.bf16_output else nullcontext():
+        # The largest product of the model (N x H x V): with bf16_output it alone runs in bf16 (see
+        # bf16_output_layer).
+        with torch.autocast(features.device.type,
+                            dtype=torch.bfloat16) if self.bf16_output else nullcontext():
             return self.out(self.dropout(features))
 
 
 class Seq2Seq(nn.Module):
-    def __init__(self, src_vocab, tgt_vocab, hidden=128, layers=1, bidirectional=True, attention="general", dropout=0.1):
+    def __init__(self, src_vocab, tgt_vocab, hidden=128, layers=1, bidirectional=True, attention="general",
+                 dropout=0.1):
         super().__init__()
         self.encoder = Encoder(src_vocab, hidden, layers, bidirectional, dropout)
         self.decoder = Decoder(tgt_vocab, hidden, layers, attention, dropout)
 
     def encode(self, src, src_len):
         enc_out, hidden = self.encoder(src, src_len)
-        return self.decoder.memory(enc_out, src_len), hidden  # the memory is computed once and reused at every step
+        # the memory is computed once and reused at every step
+        return self.decoder.memory(enc_out, src_len), hidden
 
     def forward(self, src, src_len, tgt_in, keep):
         """Teacher forcing: logits (N, V) for the N real target positions keep (N,), indices into
@@ -250,7 +275,8 @@ class Seq2Seq(nn.Module):
             features, hidden, w = self.decoder(token, hidden, memory)
             token = self.decoder.project(features).argmax(-1)  # (B, 1)
             tokens.append(token)
-            weights.append(w if w is not None else torch.zeros(src.shape[0], 1, src.shape[1], device=src.device))
+            weights.append(w if w is not None
+                           else torch.zeros(src.shape[0], 1, src.shape[1], device=src.device))
             done |= token.squeeze(1) == EOS
             if done.all():
                 break
@@ -271,8 +297,10 @@ class Seq2Seq(nn.Module):
         token = torch.full((1, 1), SOS, device=src.device)
         for step in range(max_len):
             k = len(seqs)
-            features, h, w = self.decoder(token, hidden, tuple(m[:k] if m is not None else None for m in memory))
-            logp = self.decoder.project(features[:, -1]).float().log_softmax(-1) + scores.unsqueeze(1)  # (k, V)
+            features, h, w = self.decoder(token, hidden,
+                                          tuple(m[:k] if m is not None else None for m in memory))
+            # (k, V)
+            logp = self.decoder.project(features[:, -1]).float().log_softmax(-1) + scores.unsqueeze(1)
             top, flat = logp.flatten().topk(min(2 * beam, logp.numel()))
             keep, new_scores, new_seqs, new_attns = [], [], [], []
             for score, f in zip(top.tolist(), flat.tolist()):
@@ -312,7 +340,8 @@ def read_pairs_file(path):
     """Tab-separated pairs from a UTF-8 text file or a zip holding one (the tutorial's data.zip)."""
     path = Path(path)
     if not path.is_file():
-        fail(f"--data {path}: no such file (give eng-fra.txt, the tutorial's data.zip, or any tab-separated pairs)")
+        fail(f"--data {path}: no such file (give eng-fra.txt, the tutorial's data.zip, or any tab-separated "
+             "pairs)")
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
@@ -357,10 +386,12 @@ def fetch_eng_fra(data_dir):
         try:
             urllib.request.urlretrieve(ENG_FRA_URL, part)
         except OSError as e:
-            fail(f"could not download the tutorial's data ({e}); offline? fetch {ENG_FRA_URL} elsewhere and pass it with --data")
+            fail(f"could not download the tutorial's data ({e}); offline? fetch {ENG_FRA_URL} elsewhere and "
+                 "pass it with --data")
         if hashlib.sha256(part.read_bytes()).hexdigest() != ENG_FRA_SHA256:  # 2.9 MB: read at once
             part.unlink()
-            fail(f"the download from {ENG_FRA_URL} has the wrong SHA-256 (expected {ENG_FRA_SHA256}); nothing was kept")
+            fail(f"the download from {ENG_FRA_URL} has the wrong SHA-256 (expected {ENG_FRA_SHA256}); "
+                 "nothing was kept")
         os.replace(part, path)
     if hashlib.sha256(path.read_bytes()).hexdigest() != ENG_FRA_SHA256:
         fail(f"{path} has the wrong SHA-256 (expected {ENG_FRA_SHA256}): delete it to download it again")
@@ -402,7 +433,8 @@ def to_tensors(pairs, src_vocab, tgt_vocab, device):
     """Padded index tensors on the device: src (N, S), src_len (N,), tgt (N, T+1) ending in <eos>."""
     src = [src_vocab.encode(s) for s, _ in pairs]
     tgt = [tgt_vocab.encode(t) + [EOS] for _, t in pairs]
-    pad = lambda seqs: torch.tensor([s + [PAD] * (max(map(len, seqs)) - len(s)) for s in seqs], dtype=torch.long)
+    pad = lambda seqs: torch.tensor([s + [PAD] * (max(map(len, seqs)) - len(s)) for s in seqs],
+                                    dtype=torch.long)
     return pad(src).to(device), torch.tensor([len(s) for s in src]).to(device), pad(tgt).to(device)
 
 
@@ -436,7 +468,8 @@ def train_step(model, optimizer, scaler, src, src_len, tgt, tgt_len, teacher_for
     """One update on a batch: src (B, S) and tgt (B, T) padded, tgt ending in <eos>; their lengths
     src_len, tgt_len (B,) on the host. Returns the loss, left on the device (reading it would sync)."""
     tgt_in = torch.cat([torch.full_like(tgt[:, :1], SOS), tgt[:, :-1]], 1)  # shifted right: <sos> w1 w2 ...
-    keep = real_positions(tgt_len, tgt.shape[1]).to(tgt.device, non_blocking=True)  # (N,) the real target positions
+    # (N,) the real target positions
+    keep = real_positions(tgt_len, tgt.shape[1]).to(tgt.device, non_blocking=True)
     with autocast(src.device, amp_dtype):
         if random.random() < teacher_forcing:  # decided per batch, as in the chatbot tutorial
             logits = model(src, src_len, tgt_in, keep)  # (N, V)
@@ -447,7 +480,8 @@ def train_step(model, optimizer, scaler, src, src_len, tgt, tgt_len, teacher_for
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # with the scaler off (everything but fp16) these are plain backward() ...
     scaler.unscale_(optimizer)  # fp16: true gradients before clipping
-    nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)  # keeps an exploding RNN gradient in check
+    # keeps an exploding RNN gradient in check
+    nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
     scaler.step(optimizer)  # ... and step(); fp16: skipped if a gradient overflowed
     scaler.update()
     return loss.detach()
@@ -456,8 +490,8 @@ def train_step(model, optimizer, scaler, src, src_len, tgt, tgt_len, teacher_for
 def bf16_output_layer(device_type, choice, cpu_native_bf16):
     """seq2seq's addition to the --amp rule of common.py: "bf16-output" runs only the (N x H x V)
     output product in bf16, and auto chooses it on a CPU with native bf16 (AVX512-BF16 or AMX),
-    where that product gains about 2x while the recurrent steps' small products run slower in
-    bf16 (the casts cost more than they save)."""
+    where that product gains from bf16 while the recurrent steps' small products lose (their
+    casts cost more than they save). The lesson page has the measurement."""
     return choice == "bf16-output" or (choice == "auto" and device_type == "cpu" and cpu_native_bf16)
 
 
@@ -479,7 +513,8 @@ def load_checkpoint(path, device):
     except Exception as e:
         fail(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "seq2seq":
-        fail(f"{path} is not a seq2seq checkpoint (it was written by another script): train one with python seq2seq/train.py")
+        fail(f"{path} is not a seq2seq checkpoint (it was written by another script): train one with python "
+             "seq2seq/train.py")
     model = Seq2Seq(**ckpt["model_args"]).to(device)
     model.load_state_dict(ckpt["model"])
     return ckpt, model.eval(), Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"])
@@ -519,8 +554,9 @@ def translate_split(model, pairs, src_vocab, tgt_vocab, device, max_len, beam=1,
     for i in range(0, len(pairs), batch_size):
         src, src_len, _ = to_tensors(pairs[i:i + batch_size], src_vocab, tgt_vocab, device)
         if beam > 1:
-            outputs += [tgt_vocab.decode(strip_eos(model.beam_search(src[j:j + 1, :src_len[j]], src_len[j:j + 1], beam, max_len)[0]))
-                        for j in range(len(src))]
+            for j in range(len(src)):  # one sentence at a time: its beams are the batch
+                tokens, _ = model.beam_search(src[j:j + 1, :src_len[j]], src_len[j:j + 1], beam, max_len)
+                outputs.append(tgt_vocab.decode(strip_eos(tokens)))
         else:
             tokens, _ = model.greedy(src, src_len, max_len)
             outputs += [tgt_vocab.decode(strip_eos(row)) for row in tokens.tolist()]
@@ -541,7 +577,8 @@ SUBJECTS = [  # English, French, person (0-5 selects the verb form), plural
     ("we", "nous", 3, True), ("you", "vous", 4, True), ("they", "ils", 5, True), ("they", "elles", 5, True)]
 
 
-BE_EN = {"i": ("am", "m"), "you": ("are", "re"), "he": ("is", "s"), "she": ("is", "s"), "we": ("are", "re"), "they": ("are", "re")}
+BE_EN = {"i": ("am", "m"), "you": ("are", "re"), "he": ("is", "s"), "she": ("is", "s"), "we": ("are", "re"),
+         "they": ("are", "re")}
 
 
 ETRE = ["suis", "es", "est", "sommes", "etes", "sont"]
@@ -557,13 +594,19 @@ def forms(m, f=None, mp=None, fp=None):
 
 
 ADJECTIVES = {  # English: (comparative, French forms)
-    "tall": ("taller", forms("grand")), "small": ("smaller", forms("petit")), "happy": ("happier", forms("heureux", "heureuse")),
-    "tired": ("more tired", forms("fatigue", "fatiguee")), "sad": ("sadder", forms("triste")), "ready": (None, forms("pret", "prete")),
-    "busy": ("busier", forms("occupe", "occupee")), "rich": ("richer", forms("riche")), "young": ("younger", forms("jeune")),
-    "angry": (None, forms("fache", "fachee")), "sick": (None, forms("malade")), "strong": ("stronger", forms("fort")),
+    "tall": ("taller", forms("grand")), "small": ("smaller", forms("petit")),
+    "happy": ("happier", forms("heureux", "heureuse")),
+    "tired": ("more tired", forms("fatigue", "fatiguee")), "sad": ("sadder", forms("triste")),
+    "ready": (None, forms("pret", "prete")),
+    "busy": ("busier", forms("occupe", "occupee")), "rich": ("richer", forms("riche")),
+    "young": ("younger", forms("jeune")),
+    "angry": (None, forms("fache", "fachee")), "sick": (None, forms("malade")),
+    "strong": ("stronger", forms("fort")),
     "lazy": ("lazier", forms("paresseux", "paresseuse")), "proud": ("prouder", forms("fier", "fiere")),
-    "married": (None, forms("marie", "mariee")), "alone": (None, forms("seul")), "polite": ("more polite", forms("poli")),
-    "curious": ("more curious", forms("curieux", "curieuse")), "calm": ("calmer", forms("calme")), "shy": ("shyer", forms("timide")),
+    "married": (None, forms("marie", "mariee")), "alone": (None, forms("seul")),
+    "polite": ("more polite", forms("poli")),
+    "curious": ("more curious", forms("curieux", "curieuse")), "calm": ("calmer", forms("calme")),
+    "shy": ("shyer", forms("timide")),
     "smart": ("smarter", forms("intelligent")), "brave": ("braver", forms("courageux", "courageuse")),
     "late": (None, ("en retard",) * 4), "early": (None, ("en avance",) * 4),
 }
@@ -584,39 +627,59 @@ INTENSIFIERS = {"very": "tres", "too": "trop", "so": "si"}
 
 
 VERBS = {  # English -ing form: the six French present-tense forms
-    "looking at": "regarde regardes regarde regardons regardez regardent", "buying": "achete achetes achete achetons achetez achetent",
-    "washing": "lave laves lave lavons lavez lavent", "painting": "peins peins peint peignons peignez peignent",
-    "drawing": "dessine dessines dessine dessinons dessinez dessinent", "selling": "vends vends vend vendons vendez vendent",
-    "carrying": "porte portes porte portons portez portent", "cleaning": "nettoie nettoies nettoie nettoyons nettoyez nettoient",
-    "looking for": "cherche cherches cherche cherchons cherchez cherchent", "repairing": "repare repares repare reparons reparez reparent"}
+    "looking at": "regarde regardes regarde regardons regardez regardent",
+    "buying": "achete achetes achete achetons achetez achetent",
+    "washing": "lave laves lave lavons lavez lavent",
+    "painting": "peins peins peint peignons peignez peignent",
+    "drawing": "dessine dessines dessine dessinons dessinez dessinent",
+    "selling": "vends vends vend vendons vendez vendent",
+    "carrying": "porte portes porte portons portez portent",
+    "cleaning": "nettoie nettoies nettoie nettoyons nettoyez nettoient",
+    "looking for": "cherche cherches cherche cherchons cherchez cherchent",
+    "repairing": "repare repares repare reparons reparez reparent"}
 
 
 NOUNS = [  # English singular, plural; French singular, plural; feminine?
-    ("car", "cars", "voiture", "voitures", True), ("book", "books", "livre", "livres", False), ("house", "houses", "maison", "maisons", True),
-    ("letter", "letters", "lettre", "lettres", True), ("chair", "chairs", "chaise", "chaises", True), ("bike", "bikes", "velo", "velos", False),
-    ("shirt", "shirts", "chemise", "chemises", True), ("hat", "hats", "chapeau", "chapeaux", False), ("ball", "balls", "balle", "balles", True),
-    ("picture", "pictures", "photo", "photos", True), ("window", "windows", "fenetre", "fenetres", True), ("table", "tables", "table", "tables", True),
-    ("box", "boxes", "boite", "boites", True), ("door", "doors", "porte", "portes", True), ("boat", "boats", "bateau", "bateaux", False),
-    ("bag", "bags", "sac", "sacs", False), ("coat", "coats", "manteau", "manteaux", False), ("cup", "cups", "tasse", "tasses", True),
-    ("pen", "pens", "stylo", "stylos", False), ("dress", "dresses", "robe", "robes", True), ("truck", "trucks", "camion", "camions", False),
-    ("horse", "horses", "cheval", "chevaux", False), ("dog", "dogs", "chien", "chiens", False), ("cat", "cats", "chat", "chats", False)]
+    ("car", "cars", "voiture", "voitures", True), ("book", "books", "livre", "livres", False),
+    ("house", "houses", "maison", "maisons", True),
+    ("letter", "letters", "lettre", "lettres", True), ("chair", "chairs", "chaise", "chaises", True),
+    ("bike", "bikes", "velo", "velos", False),
+    ("shirt", "shirts", "chemise", "chemises", True), ("hat", "hats", "chapeau", "chapeaux", False),
+    ("ball", "balls", "balle", "balles", True),
+    ("picture", "pictures", "photo", "photos", True), ("window", "windows", "fenetre", "fenetres", True),
+    ("table", "tables", "table", "tables", True),
+    ("box", "boxes", "boite", "boites", True), ("door", "doors", "porte", "portes", True),
+    ("boat", "boats", "bateau", "bateaux", False),
+    ("bag", "bags", "sac", "sacs", False), ("coat", "coats", "manteau", "manteaux", False),
+    ("cup", "cups", "tasse", "tasses", True),
+    ("pen", "pens", "stylo", "stylos", False), ("dress", "dresses", "robe", "robes", True),
+    ("truck", "trucks", "camion", "camions", False),
+    ("horse", "horses", "cheval", "chevaux", False), ("dog", "dogs", "chien", "chiens", False),
+    ("cat", "cats", "chat", "chats", False)]
 
 
-BEFORE_NOUN = {"small": forms("petit"), "big": forms("grand"), "new": forms("nouveau", "nouvelle", "nouveaux"),
-               "old": forms("vieux", "vieille"), "pretty": forms("joli"), "beautiful": forms("beau", "belle", "beaux")}
+BEFORE_NOUN = {"small": forms("petit"), "big": forms("grand"),
+               "new": forms("nouveau", "nouvelle", "nouveaux"),
+               "old": forms("vieux", "vieille"), "pretty": forms("joli"),
+               "beautiful": forms("beau", "belle", "beaux")}
 
 
-COLOURS = {"red": forms("rouge"), "green": forms("vert"), "white": forms("blanc", "blanche"), "black": forms("noir"),
+COLOURS = {"red": forms("rouge"), "green": forms("vert"), "white": forms("blanc", "blanche"),
+           "black": forms("noir"),
            "blue": forms("bleu"), "yellow": forms("jaune"), "grey": forms("gris", "grise")}
 
 
 DETERMINERS = {  # English: (plural?, French masc, French fem)
-    "a": (False, "un", "une"), "the": (False, "le", "la"), "my": (False, "mon", "ma"), "this": (False, "ce", "cette"),
-    "the+": (True, "les", "les"), "my+": (True, "mes", "mes"), "these": (True, "ces", "ces"), "two": (True, "deux", "deux"), "three": (True, "trois", "trois")}
+    "a": (False, "un", "une"), "the": (False, "le", "la"), "my": (False, "mon", "ma"),
+    "this": (False, "ce", "cette"),
+    "the+": (True, "les", "les"), "my+": (True, "mes", "mes"), "these": (True, "ces", "ces"),
+    "two": (True, "deux", "deux"), "three": (True, "trois", "trois")}
 
 
-PLACES = {"kitchen": "la cuisine", "garden": "le jardin", "office": "le bureau", "park": "le parc", "bedroom": "la chambre",
-          "car": "la voiture", "street": "la rue", "library": "la bibliotheque", "shop": "le magasin", "living room": "le salon"}
+PLACES = {"kitchen": "la cuisine", "garden": "le jardin", "office": "le bureau", "park": "le parc",
+          "bedroom": "la chambre",
+          "car": "la voiture", "street": "la rue", "library": "la bibliotheque", "shop": "le magasin",
+          "living room": "le salon"}
 
 
 def elide(word, following):
@@ -638,26 +701,33 @@ def make_pair(rng):
     agree = (2 if plural else 0) + (1 if feminine else 0)  # index into an adjective's four forms
     negative = rng.random() < 0.3
     full, short = BE_EN[en_subj]
-    en_be = f"{en_subj} {short} not" if negative else f"{en_subj} {full}"  # negatives use the contraction: "he s not"
-    kind = rng.choices(["adjective", "comparative", "avoir", "age", "place", "verb"], [20, 10, 10, 5, 5, 50])[0]
+    # negatives use the contraction: "he s not"
+    en_be = f"{en_subj} {short} not" if negative else f"{en_subj} {full}"
+    kind = rng.choices(["adjective", "comparative", "avoir", "age", "place", "verb"],
+                       [20, 10, 10, 5, 5, 50])[0]
     if kind in ("adjective", "comparative"):
         en_adj, (comparative, fr_forms) = rng.choice(list(ADJECTIVES.items()))
         if kind == "comparative" and comparative:
             en_pron, fr_pron = rng.choice(list(PRONOUNS.items()))
-            return f"{en_be} {comparative} than {en_pron} .", f"{french_subject_verb(fr_subj, ETRE[person], negative)} plus {fr_forms[agree]} que {fr_pron} ."
+            fr = f"{french_subject_verb(fr_subj, ETRE[person], negative)} plus {fr_forms[agree]}"
+            fr += f" que {fr_pron} ."
+            return f"{en_be} {comparative} than {en_pron} .", fr
         en_int, fr_int = rng.choice([("", "")] * 3 + list(INTENSIFIERS.items()))
-        return (re.sub(" +", " ", f"{en_be} {en_int} {en_adj} ."),
-                re.sub(" +", " ", f"{french_subject_verb(fr_subj, ETRE[person], negative)} {fr_int} {fr_forms[agree]} ."))
+        fr = f"{french_subject_verb(fr_subj, ETRE[person], negative)} {fr_int} {fr_forms[agree]} ."
+        return re.sub(" +", " ", f"{en_be} {en_int} {en_adj} ."), re.sub(" +", " ", fr)
     if kind == "avoir":
         en_word, fr_word = rng.choice(list(AVOIR_EXPRESSIONS.items()))
         very = rng.random() < 0.3
-        return f"{en_be} {'very ' if very else ''}{en_word} .", f"{french_subject_verb(fr_subj, AVOIR[person], negative)} {'tres ' if very else ''}{fr_word} ."
+        fr = f"{french_subject_verb(fr_subj, AVOIR[person], negative)} {'tres ' if very else ''}{fr_word} ."
+        return f"{en_be} {'very ' if very else ''}{en_word} .", fr
     if kind == "age":
         en_age, fr_age = rng.choice(list(AGES.items()))
-        return f"{en_be} {en_age} years old .", f"{french_subject_verb(fr_subj, AVOIR[person], negative)} {fr_age} ans ."
+        fr = f"{french_subject_verb(fr_subj, AVOIR[person], negative)} {fr_age} ans ."
+        return f"{en_be} {en_age} years old .", fr
     if kind == "place":
         en_place, fr_place = rng.choice(list(PLACES.items()))
-        return f"{en_be} in the {en_place} .", f"{french_subject_verb(fr_subj, ETRE[person], negative)} dans {fr_place} ."
+        fr = f"{french_subject_verb(fr_subj, ETRE[person], negative)} dans {fr_place} ."
+        return f"{en_be} in the {en_place} .", fr
     # "she is buying a small red car and two books" -> "elle achete une petite voiture rouge et deux livres"
     verb_en, verb_fr = rng.choice(list(VERBS.items()))
     (obj_en, obj_fr), and_en, and_fr = noun_phrase(rng), "", ""
@@ -665,7 +735,8 @@ def make_pair(rng):
         second_en, second_fr = noun_phrase(rng)
         and_en, and_fr = f" and {second_en}", f" et {second_fr}"
     fr_verb = verb_fr.split()[person]
-    return f"{en_be} {verb_en} {obj_en}{and_en} .", f"{french_subject_verb(fr_subj, fr_verb, negative)} {obj_fr}{and_fr} ."
+    fr = f"{french_subject_verb(fr_subj, fr_verb, negative)} {obj_fr}{and_fr} ."
+    return f"{en_be} {verb_en} {obj_en}{and_en} .", fr
 
 
 def noun_phrase(rng):
@@ -707,36 +778,68 @@ def builtin_pairs(n, seed, max_length):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="builtin", help="builtin; eng-fra (the tutorial's data.zip, downloaded to --data-dir when missing); "
-                        "or a file of tab-separated pairs: eng-fra.txt, the tutorial's data.zip, any other (default: %(default)s)")
-    parser.add_argument("--data-dir", default=str(Path(__file__).parent / "data"), help="where --data eng-fra keeps data.zip (default: %(default)s)")
-    parser.add_argument("--pairs", type=int, default=20000, help="builtin: distinct pairs to generate (default: %(default)s)")
-    parser.add_argument("--reverse", action="store_true", help="translate column 1 -> column 2 (English -> French); default is French -> English as in the tutorial")
-    parser.add_argument("--all-pairs", action="store_true", help="files: keep pairs whatever their English side starts with (for chatbot data)")
-    parser.add_argument("--max-length", type=int, default=None, help="keep pairs with both sides under this many words (default: 10 for files, as the tutorial; 16 for builtin)")
-    parser.add_argument("--min-count", type=int, default=1, help="words seen fewer times in training become <unk> (default: %(default)s)")
-    parser.add_argument("--test-frac", type=float, default=0.1, help="held-out test split (default: %(default)s)")
-    parser.add_argument("--val-frac", type=float, default=0.05, help="validation split, picks the best epoch (default: %(default)s)")
-    parser.add_argument("--hidden", type=int, default=128, help="embedding and GRU size (default: %(default)s)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="builtin",
+                        help="builtin; eng-fra (the tutorial's data.zip, downloaded to --data-dir when "
+                             "missing); "
+                        "or a file of tab-separated pairs: eng-fra.txt, the tutorial's data.zip, any other "
+                        "(default: %(default)s)")
+    parser.add_argument("--data-dir", default=str(Path(__file__).parent / "data"),
+                        help="where --data eng-fra keeps data.zip (default: %(default)s)")
+    parser.add_argument("--pairs", type=int, default=20000,
+                        help="builtin: distinct pairs to generate (default: %(default)s)")
+    parser.add_argument("--reverse", action="store_true",
+                        help="translate column 1 -> column 2 (English -> French); default is French -> "
+                             "English as in the tutorial")
+    parser.add_argument("--all-pairs", action="store_true",
+                        help="files: keep pairs whatever their English side starts with (for chatbot data)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="keep pairs with both sides under this many words (default: 10 for files, as "
+                             "the tutorial; 16 for builtin)")
+    parser.add_argument("--min-count", type=int, default=1,
+                        help="words seen fewer times in training become <unk> (default: %(default)s)")
+    parser.add_argument("--test-frac", type=float, default=0.1,
+                        help="held-out test split (default: %(default)s)")
+    parser.add_argument("--val-frac", type=float, default=0.05,
+                        help="validation split, picks the best epoch (default: %(default)s)")
+    parser.add_argument("--hidden", type=int, default=128,
+                        help="embedding and GRU size (default: %(default)s)")
     parser.add_argument("--layers", type=int, default=1, help="GRU layers (default: %(default)s)")
-    parser.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=True, help="bidirectional encoder (default: %(default)s)")
-    parser.add_argument("--attention", default="general", choices=["none", "bahdanau", "dot", "general", "concat"], help="(default: %(default)s)")
+    parser.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=True,
+                        help="bidirectional encoder (default: %(default)s)")
+    parser.add_argument("--attention", default="general",
+                        choices=["none", "bahdanau", "dot", "general", "concat"],
+                        help="(default: %(default)s)")
     parser.add_argument("--dropout", type=float, default=0.1, help="(default: %(default)s)")
-    parser.add_argument("--teacher-forcing", type=float, default=1.0, help="share of batches fed the true previous word (default: %(default)s)")
-    parser.add_argument("--reverse-source", action="store_true", help="feed the source backwards (Sutskever et al. 2014)")
+    parser.add_argument("--teacher-forcing", type=float, default=1.0,
+                        help="share of batches fed the true previous word (default: %(default)s)")
+    parser.add_argument("--reverse-source", action="store_true",
+                        help="feed the source backwards (Sutskever et al. 2014)")
     parser.add_argument("--epochs", type=int, default=4, help="(default: %(default)s)")
-    parser.add_argument("--time-limit", type=float, default=0, help="stop training after this many seconds, 0 for none (default: %(default)s)")
+    parser.add_argument("--time-limit", type=float, default=0,
+                        help="stop training after this many seconds, 0 for none (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default: %(default)s)")
-    parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (default: %(default)s)")
-    parser.add_argument("--beam", type=int, default=1, help="beam size for the final test evaluation; 1 is greedy (default: %(default)s)")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "bf16-output", "off"], help="mixed precision: everything in bf16 or fp16 (the GRUs in fp32 under bf16), the output layer only in bf16, or nothing; auto: bf16 on GPUs from Ampere on, fp16 with a GradScaler on older GPUs (a T4), the output layer on CPUs with native bf16 (default: %(default)s)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "seq2seq.pt"), help="checkpoint path (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--clip", type=float, default=1.0,
+                        help="gradient norm clipping (default: %(default)s)")
+    parser.add_argument("--beam", type=int, default=1,
+                        help="beam size for the final test evaluation; 1 is greedy (default: %(default)s)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "bf16-output", "off"],
+                        help="mixed precision: everything in bf16 or fp16 (the GRUs in fp32 under bf16), "
+                             "the output layer only in bf16, or nothing; auto: bf16 on GPUs from Ampere on, "
+                             "fp16 with a GradScaler on older GPUs (a T4), the output layer on CPUs with "
+                             "native bf16 (default: %(default)s)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "seq2seq.pt"),
+                        help="checkpoint path (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    parser.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
-    parser.add_argument("--dry-run", action="store_true", help="two batches, one evaluation, a checkpoint: checks that every line runs, in seconds")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="two batches, one evaluation, a checkpoint: checks that every line runs, in "
+                             "seconds")
     parser.error = lambda message: fail(f"{message} (see --help)")  # one line, not argparse's usage block
     args = parser.parse_args()
     if args.dry_run:  # pytorch/examples' --dry-run: the whole script once, on the least data
@@ -751,15 +854,17 @@ def main():
         pairs = builtin_pairs(args.pairs, args.seed, args.max_length)
     else:
         raw = read_pairs_file(fetch_eng_fra(args.data_dir) if args.data == "eng-fra" else args.data)
-        pairs = [(e, f) for e, f in raw if len(e.split()) < args.max_length and len(f.split()) < args.max_length
-                 and (args.all_pairs or e.startswith(ENG_PREFIXES))]
-        print(f"read {len(raw):,} pairs from {args.data}; {len(pairs):,} pass the filter; {len(set(pairs)):,} distinct")
+        short = lambda e, f: len(e.split()) < args.max_length and len(f.split()) < args.max_length
+        pairs = [(e, f) for e, f in raw if short(e, f) and (args.all_pairs or e.startswith(ENG_PREFIXES))]
+        print(f"read {len(raw):,} pairs from {args.data}; {len(pairs):,} pass the filter; "
+              f"{len(set(pairs)):,} distinct")
         pairs = sorted(set(pairs))  # duplicates removed, so no test pair is also a training pair
     pairs = [(e, f) if args.reverse else (f, e) for e, f in pairs]
     if args.reverse_source:  # Sutskever et al. 2014 sec. 3.3: reversed input shortens early dependencies
         pairs = [(" ".join(s.split()[::-1]), t) for s, t in pairs]
     if len(pairs) < 20:
-        fail(f"only {len(pairs)} usable pairs in {args.data}: need at least 20 under --max-length {args.max_length}")
+        fail(f"only {len(pairs)} usable pairs in {args.data}: need at least 20 under --max-length "
+             f"{args.max_length}")
     train_pairs, val_pairs, test_pairs = split_pairs(pairs, args.val_frac, args.test_frac, args.seed)
     src_vocab = Vocab.build([s for s, _ in train_pairs], args.min_count)  # from training pairs only
     tgt_vocab = Vocab.build([t for _, t in train_pairs], args.min_count)
@@ -768,20 +873,23 @@ def main():
     for s, t in train_pairs[:3]:
         print(f"  example: {s}  ->  {t}")
     src, src_len, tgt = to_tensors(train_pairs, src_vocab, tgt_vocab, device)
-    src_len, tgt_len = src_len.cpu(), (tgt != PAD).sum(1).cpu()  # lengths stay on the host: batching and trimming read them
+    # lengths stay on the host: batching and trimming read them
+    src_len, tgt_len = src_len.cpu(), (tgt != PAD).sum(1).cpu()
 
     # ---- model
-    model_args = dict(src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab), hidden=args.hidden, layers=args.layers,
+    model_args = dict(src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab), hidden=args.hidden,
+                      layers=args.layers,
                       bidirectional=args.bidirectional, attention=args.attention, dropout=args.dropout)
     model = Seq2Seq(**model_args).to(device)
     # fused=True: one kernel updates every parameter, instead of a handful of ops per tensor
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))
     amp_dtype, needs_scaler = precision_for(device, "off" if args.amp == "bf16-output" else args.amp)
-    model.decoder.bf16_output = amp_dtype is None and bf16_output_layer(device.type, args.amp, cpu_has_native_bf16())
+    bf16_output = bf16_output_layer(device.type, args.amp, cpu_has_native_bf16())
+    model.decoder.bf16_output = amp_dtype is None and bf16_output
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see common.choose_precision
-    amp = "bf16-output" if model.decoder.bf16_output else str(amp_dtype).replace("torch.", "") if amp_dtype else "off"
-    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, attention {args.attention}, on {device}, "
-          f"autocast {amp}{' +GradScaler' if needs_scaler else ''}")
+    amp = "bf16-output" if model.decoder.bf16_output else precision_name(amp_dtype, needs_scaler)
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, attention {args.attention}, "
+          f"on {device}, autocast {amp}")
 
     # ---- training
     out, best_bleu, train_time, seen = Path(args.out), -1.0, 0.0, 0
@@ -791,14 +899,17 @@ def main():
         model.train()
         t0, loss_sum, n_batches = time.time(), torch.zeros((), device=device), 0
         for idx in batches(src_len, tgt_len, args.batch_size, generator):
-            S, T = int(src_len[idx].max()), int(tgt_len[idx].max())  # trim padding to this batch's longest (host tensors: no sync)
+            # trim padding to this batch's longest (host tensors: no sync)
+            S, T = int(src_len[idx].max()), int(tgt_len[idx].max())
             rows = idx.to(device, non_blocking=True)
-            loss = train_step(model, optimizer, scaler, src[rows, :S], src_len[idx], tgt[rows, :T], tgt_len[idx],
+            loss = train_step(model, optimizer, scaler, src[rows, :S], src_len[idx], tgt[rows, :T],
+                              tgt_len[idx],
                               args.teacher_forcing, args.clip, amp_dtype)
             loss_sum += loss
             n_batches += 1
             seen += len(idx)
-            if args.time_limit and train_time + time.time() - t0 > args.time_limit or args.dry_run and n_batches == 2:
+            out_of_time = args.time_limit and train_time + time.time() - t0 > args.time_limit
+            if out_of_time or args.dry_run and n_batches == 2:
                 break
         synchronize(device)  # the epoch's GPU work is done before the clock is read
         dt = time.time() - t0
@@ -807,8 +918,10 @@ def main():
         remaining = train_time / epoch * (args.epochs - epoch)
         if args.time_limit:
             remaining = max(0.0, min(remaining, args.time_limit - train_time))
-        print(f"epoch {epoch}/{args.epochs} | loss {loss_sum.item() / n_batches:.4f} | {n_batches * args.batch_size / dt:,.0f} pairs/s | "
-              f"{1000 * dt / n_batches:.1f} ms/step | elapsed {train_time:.0f}s | eta {remaining:.0f}s | val BLEU {bleu:.4f} exact {100 * exact:.1f}%")
+        print(f"epoch {epoch}/{args.epochs} | loss {loss_sum.item() / n_batches:.4f} | "
+              f"{n_batches * args.batch_size / dt:,.0f} pairs/s | "
+              f"{1000 * dt / n_batches:.1f} ms/step | elapsed {train_time:.0f}s | eta {remaining:.0f}s | val "
+              f"BLEU {bleu:.4f} exact {100 * exact:.1f}%")
         for (s, t), o in list(zip(val_pairs, outputs))[:2]:
             print(f"  > {s}\n  = {t}\n  < {o}")
         if bleu > best_bleu:
@@ -817,7 +930,8 @@ def main():
                 "kind": "seq2seq",  # sample.py refuses checkpoints of other scripts
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
                 "src_vocab": src_vocab.words, "tgt_vocab": tgt_vocab.words, "max_length": args.max_length,
-                "reverse_source": args.reverse_source, "epoch": epoch, "best_val_bleu": best_bleu, "config": vars(args),
+                "reverse_source": args.reverse_source, "epoch": epoch, "best_val_bleu": best_bleu,
+                "config": vars(args),
             }, out)
         if args.time_limit and train_time > args.time_limit:
             print(f"time limit of {args.time_limit:.0f}s reached")
@@ -825,12 +939,15 @@ def main():
 
     # ---- the best epoch on the test split, which neither training nor model selection saw
     ckpt, model, _, _ = load_checkpoint(out, device)
-    bleu, exact, outputs = translate_split(model, test_pairs, src_vocab, tgt_vocab, device, max_len, beam=args.beam)
-    print(f"test ({len(test_pairs)} held-out pairs, {'beam ' + str(args.beam) if args.beam > 1 else 'greedy'}): "
+    bleu, exact, outputs = translate_split(model, test_pairs, src_vocab, tgt_vocab, device, max_len,
+                                           beam=args.beam)
+    print(f"test ({len(test_pairs)} held-out pairs, "
+          f"{'beam ' + str(args.beam) if args.beam > 1 else 'greedy'}): "
           f"BLEU {bleu:.4f} exact match {100 * exact:.1f}% (best epoch {ckpt['epoch']})")
     for (s, t), o in list(zip(test_pairs, outputs))[:4]:
         print(f"  > {s}\n  = {t}\n  < {o}")
-    print(f"result: test_bleu={bleu:.4f} test_exact={100 * exact:.2f} val_bleu={best_bleu:.4f} attention={args.attention} "
+    print(f"result: test_bleu={bleu:.4f} test_exact={100 * exact:.2f} val_bleu={best_bleu:.4f} "
+          f"attention={args.attention} "
           f"pairs_per_s={seen / max(train_time, 1e-9):.0f} train_seconds={train_time:.1f}")
 
 

@@ -1,10 +1,10 @@
 """Perform a MIDI file in a style with the checkpoint tonenet/train.py wrote.
 
-    python tonenet/sample.py                                          # a built-in piece, performed in every style
+    python tonenet/sample.py                                # a built-in piece, performed in every style
     python tonenet/sample.py piece.mid --style pop --out performed.mid
-    python tonenet/sample.py piece.mid                                # every style: out/piece_<style>.mid
-    python tonenet/sample.py performance.mid --level keep             # the style's shape at the input's own loudness
-    python tonenet/sample.py piece.mid --level 50                     # ... at a mean velocity of 50
+    python tonenet/sample.py piece.mid                      # every style: out/piece_<style>.mid
+    python tonenet/sample.py performance.mid --level keep   # the style's shape at the input's loudness
+    python tonenet/sample.py piece.mid --level 50           # ... at a mean velocity of 50
 
 Only the velocity of each sounding note_on changes: it becomes the model's prediction for its
 key at its grid cell (rounded, clamped to 1-127). The overall loudness is the style's own unless
@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train import (LOWEST, compose, encode, fail, is_performance, load_checkpoint, open_midi, read_notes,  # the sibling train.py
+# the sibling train.py
+from train import (LOWEST, compose, encode, fail, is_performance, load_checkpoint, open_midi, read_notes,
                    seconds_of, set_level)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
@@ -69,7 +70,8 @@ def voice_stats(velocity, step, key):
     count = np.bincount(step)
     chordal = count[step] >= 2
     is_top, is_low = chordal & (key == top[step]), chordal & (key == low[step])
-    groups = {"top voice": velocity[is_top], "inner voices": velocity[chordal & ~is_top & ~is_low], "bass": velocity[is_low]}
+    groups = {"top voice": velocity[is_top], "inner voices": velocity[chordal & ~is_top & ~is_low],
+              "bass": velocity[is_low]}
     means = {name: float(v.mean()) for name, v in groups.items() if len(v)}
     if not means or max(means.values()) - min(means.values()) < 1:
         return means, "none, all equal"
@@ -78,15 +80,26 @@ def voice_stats(velocity, step, key):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", nargs="?", help="a .mid file (default: a built-in piece)")
-    parser.add_argument("--style", default="all", help="a style from the checkpoint, or all (default: %(default)s)")
-    parser.add_argument("--out", default=None, help="output .mid; with several styles, _<style> is added to its name (default: tonenet/out/<input>_<style>.mid)")
-    parser.add_argument("--level", default=None, help="mean velocity of the performance: a number 1-127, or keep (the input's own, if it is a performance); default: the style's own")
-    parser.add_argument("--bars", type=int, default=2, help="bars (of 4 beats) shown in the piano roll (default: %(default)s)")
-    parser.add_argument("--checkpoint", default=str(Path(__file__).parent / "out" / "tonenet.pt"), help="from tonenet/train.py (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the built-in piece (default: %(default)s)")
+    parser.add_argument("--style", default="all",
+                        help="a style from the checkpoint, or all (default: %(default)s)")
+    parser.add_argument("--out", default=None,
+                        help="output .mid; with several styles, _<style> is added to its name (default: "
+                             "tonenet/out/<input>_<style>.mid)")
+    parser.add_argument("--level", default=None,
+                        help="mean velocity of the performance: a number 1-127, or keep (the input's own, "
+                             "if it is a performance); default: the style's own")
+    parser.add_argument("--bars", type=int, default=2,
+                        help="bars (of 4 beats) shown in the piano roll (default: %(default)s)")
+    parser.add_argument("--checkpoint", default=str(Path(__file__).parent / "out" / "tonenet.pt"),
+                        help="from tonenet/train.py (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of the built-in piece (default: %(default)s)")
+    parser.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, not a usage block
     args = parser.parse_args()
     if args.level not in (None, "keep") and not (args.level.isdigit() and 1 <= int(args.level) <= 127):
         fail(f"--level {args.level}: give a mean velocity from 1 to 127, or keep")
@@ -103,7 +116,8 @@ def main():
     if args.input is None:
         source = out_dir / "example.mid"
         out_dir.mkdir(parents=True, exist_ok=True)
-        compose(random.Random(args.seed), None).save(source)  # velocity 64 throughout: a score, not a performance
+        # velocity 64 throughout: a score, not a performance
+        compose(random.Random(args.seed), None).save(source)
     else:
         source = Path(args.input)
         if not source.is_file():
@@ -131,7 +145,8 @@ def main():
             level = float(notes["velocity"].mean())
             print(f"  --level keep: the input's mean velocity, {level:.1f}")
         else:
-            print(f"  --level keep: the input is a score (velocity sd {notes['velocity'].std():.1f}, under 2), "
+            print(f"  --level keep: the input is a score (velocity sd {notes['velocity'].std():.1f}, under "
+                  "2), "
                   "so the style's own level")
 
     # ---- where each style's performance goes; never onto the input
@@ -155,7 +170,8 @@ def main():
         with torch.inference_mode():
             pred = model.perform(roll_t, styles.index(style), ckpt["window"])  # (T, 88)
             new = pred[torch.from_numpy(step).to(device), torch.from_numpy(notes["key"]).to(device)]
-            new = (new.round().clamp(1, 127) if level is None else set_level(new, level)).to(torch.int64).cpu().numpy()
+            new = (new.round().clamp(1, 127) if level is None
+                   else set_level(new, level)).to(torch.int64).cpu().numpy()
         model_seconds = time.time() - t0
         for n in range(len(new)):
             track, index = int(notes["track"][n]), int(notes["index"][n])

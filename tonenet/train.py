@@ -5,9 +5,9 @@ translation of musical style"), separates composition from performance: from the
 (which keys are struck or held at each step) it predicts how loudly each note is played, with
 one decoder per style. Re-performing a piece with another style's decoder "transfers" it.
 
-    python tonenet/train.py                               # built-in pieces in two styles: MAE 3.3 against 14.6, 1-2 min on 2 CPU cores
-    python tonenet/train.py --model stylenet              # the StyleNet baseline: BiLSTM and a linear head per style, no attention
-    python tonenet/train.py --data human_piano --epochs 100 --time-limit 300   # one sub-folder of .mid files per style
+    python tonenet/train.py                    # built-in pieces in two styles; prints test MAE
+    python tonenet/train.py --model stylenet   # the StyleNet baseline: a linear head per style
+    python tonenet/train.py --data human_piano --epochs 100 --time-limit 300   # a folder per style
     python tonenet/sample.py piece.mid --style pop --out performed.mid
     python tonenet/sample.py piece.mid --level keep       # the style's shape at the input's own loudness
 
@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
-from common import autocast, get_device, precision_for, rnn_fp32, seed_everything, synchronize
+from common import autocast, get_device, precision_for, precision_name, rnn_fp32, seed_everything, synchronize
 
 LOWEST, KEYS = 21, 88  # the piano: MIDI notes 21 (A0) to 108 (C8)
 DRUMS = 9  # MIDI channel 10, counted from 0
@@ -64,7 +64,8 @@ def note_features(roll, voices):
     B, T, K = sounding.shape
     key = torch.arange(K, device=roll.device)
     any_sounding = sounding.amax(-1, keepdim=True)  # (B, T, 1)
-    top = (key == (sounding * (key + 1)).argmax(-1, keepdim=True)).float() * any_sounding  # highest sounding key
+    # highest sounding key
+    top = (key == (sounding * (key + 1)).argmax(-1, keepdim=True)).float() * any_sounding
     bottom = (key == (sounding * (K - key)).argmax(-1, keepdim=True)).float() * any_sounding  # lowest
     # A note struck at t lasts until the first later step where its key is silent or struck again:
     # the suffix minimum of those steps' indices (reversed cummin), minus t.
@@ -83,7 +84,8 @@ class Encoder(nn.Module):
         super().__init__()
         self.voices = voices
         self.inp = nn.Linear(KEYS * (5 if voices else 2), hidden)
-        self.lstm = nn.LSTM(hidden, hidden, layers, batch_first=True, bidirectional=True, dropout=dropout if layers > 1 else 0)
+        self.lstm = nn.LSTM(hidden, hidden, layers, batch_first=True, bidirectional=True,
+                            dropout=dropout if layers > 1 else 0)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, roll):  # (B, T, 88, 2) in {0, 1}
@@ -140,7 +142,8 @@ class ToneNet(nn.Module):
         -> velocity (B, T, 88) in 0..127."""
         enc = self.encoder(roll)
         logits = torch.empty(enc.shape[:2] + (KEYS,), device=enc.device, dtype=enc.dtype)
-        style = style.cpu()  # which window goes where is decided on the host: nonzero() of a GPU tensor waits for the GPU
+        # which window goes where is decided on the host: nonzero() of a GPU tensor waits for the GPU
+        style = style.cpu()
         for s, head in enumerate(self.heads):  # each style's windows go through that style's decoder
             idx = (style == s).nonzero().squeeze(1)
             if len(idx):
@@ -153,9 +156,11 @@ class ToneNet(nn.Module):
         T = len(roll)
         n = -(-T // window)  # windows, the last padded
         x = F.pad(roll.float(), (0, 0, 0, 0, 0, n * window - T)).view(n, window, KEYS, 2)
-        mask = (torch.arange(n * window, device=roll.device) < T).view(n, window)  # attention ignores the padding
+        # attention ignores the padding
+        mask = (torch.arange(n * window, device=roll.device) < T).view(n, window)
         style = torch.full((n,), style_index)  # on the host, as forward() routes by it
-        out = [self(x[i:i + batch_size], style[i:i + batch_size], mask[i:i + batch_size]) for i in range(0, n, batch_size)]
+        out = [self(x[i:i + batch_size], style[i:i + batch_size], mask[i:i + batch_size])
+               for i in range(0, n, batch_size)]
         return torch.cat(out).reshape(n * window, KEYS)[:T]
 
 
@@ -185,7 +190,8 @@ def read_notes(mid, pedal=True):
         tick = 0
         for i, msg in enumerate(track):
             tick += msg.time
-            if msg.type in ("note_on", "note_off") and msg.channel != DRUMS and LOWEST <= msg.note < LOWEST + KEYS:
+            if msg.type in ("note_on",
+                            "note_off") and msg.channel != DRUMS and LOWEST <= msg.note < LOWEST + KEYS:
                 on = msg.type == "note_on" and msg.velocity > 0
                 events.append((tick, 2 if on else 0, t, i, msg))
             elif msg.type == "control_change" and msg.control == 64 and pedal:
@@ -238,7 +244,8 @@ def seconds_of(mid, ticks):
     if changes[0][0] > 0:
         changes.insert(0, (0, 500000))
     starts = np.array([c[0] for c in changes])
-    tempos = np.array([c[1] for c in changes], dtype=np.float64) / 1e6 / mid.ticks_per_beat  # seconds per tick
+    # seconds per tick
+    tempos = np.array([c[1] for c in changes], dtype=np.float64) / 1e6 / mid.ticks_per_beat
     at_start = np.concatenate([[0], np.cumsum(np.diff(starts) * tempos[:-1])])
     seg = np.searchsorted(starts, ticks, side="right") - 1
     return at_start[seg] + (ticks - starts[seg]) * tempos[seg]
@@ -298,7 +305,8 @@ def folder_pieces(data, steps_per_beat, pedal):
         if not pieces:
             fail(f"style folder {folder} has no readable MIDI file with notes")
         if len(pieces) < 3:
-            fail(f"style folder {folder} has only {len(pieces)} usable file(s): need at least 3 (train, validation, test)")
+            fail(f"style folder {folder} has only {len(pieces)} usable file(s): need at least 3 (train, "
+                 "validation, test)")
         out[folder.name] = pieces
     print(f"read {sum(map(len, out.values()))} MIDI files in {time.time() - t0:.1f}s: "
           + ", ".join(f"{s} {len(p)}" for s, p in out.items()))
@@ -311,7 +319,8 @@ PERFORMER = re.compile(r"_[A-Z][A-Za-z-]*\d+M?(_\d{4})?$")
 
 
 def piece_of(name):
-    """The piece a file performs: its name without ASAP's performer tag (any other file is a piece of its own)."""
+    """The piece a file performs: its name without ASAP's performer tag (any other file is a piece
+    of its own)."""
     return PERFORMER.sub("", Path(name).stem)
 
 
@@ -325,11 +334,13 @@ def split_files(pieces, val_frac, test_frac, seed):
             groups.setdefault(piece_of(item[0]), []).append(item)
         order = sorted(groups)
         if len(order) < 3:
-            fail(f"style {style} has {len(order)} piece(s) (performances of one piece count once): need at least 3 (train, validation, test)")
+            fail(f"style {style} has {len(order)} piece(s) (performances of one piece count once): need at "
+                 "least 3 (train, validation, test)")
         random.Random(seed).shuffle(order)
         n_test = max(1, round(test_frac * len(order)))
         n_val = max(1, round(val_frac * len(order)))
-        for name, chosen in (("test", order[:n_test]), ("val", order[n_test:n_test + n_val]), ("train", order[n_test + n_val:])):
+        for name, chosen in (("test", order[:n_test]), ("val", order[n_test:n_test + n_val]),
+                             ("train", order[n_test + n_val:])):
             splits[name][style] = [item for piece in chosen for item in groups[piece]]
     return splits
 
@@ -396,7 +407,8 @@ def train_epoch(model, optimizer, scaler, data, generator, batch_size, transpose
         rows = idx.to(roll.device, non_blocking=True)
         x, target = roll[rows].float(), vel[rows].float() / 127
         if transpose:  # augmentation: the same performance a few keys higher or lower
-            x, target = shift_keys(x, target, int(torch.randint(-transpose, transpose + 1, (), generator=generator)))
+            x, target = shift_keys(x, target,
+                                   int(torch.randint(-transpose, transpose + 1, (), generator=generator)))
         loss_sum += train_step(model, optimizer, scaler, x, target, style_of[idx], clip, amp_dtype, loss_kind)
         n += 1
         if stop(n):
@@ -422,7 +434,8 @@ def load_checkpoint(path, device):
     except Exception as e:
         fail(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "tonenet":
-        fail(f"{path} is not a tonenet checkpoint (it was written by another script): train one with python tonenet/train.py")
+        fail(f"{path} is not a tonenet checkpoint (it was written by another script): train one with python "
+             "tonenet/train.py")
     model = ToneNet(**ckpt["model_args"]).to(device)
     model.load_state_dict(ckpt["model"])
     return ckpt, model.eval()
@@ -457,9 +470,12 @@ def evaluate(model, split, styles, window, device, train_means):
             file_means.append(true.mean().expand(len(true)))
             leveled.append(pred - pred.mean() + true.mean())
         p, t, fm, lv = torch.cat(preds), torch.cat(trues), torch.cat(file_means), torch.cat(leveled)
-        report[style] = dict(mae=float((p - t).abs().mean()), corr=pearson(p, t), level_mae=float((lv - t).abs().mean()),
-                             notes=len(t), files=len(split[style]), pieces=len({piece_of(name) for name, _, _ in split[style]}),
-                             const64=float((t - 64).abs().mean()), style_mean=float((t - train_means[style]).abs().mean()),
+        report[style] = dict(mae=float((p - t).abs().mean()), corr=pearson(p, t),
+                             level_mae=float((lv - t).abs().mean()),
+                             notes=len(t), files=len(split[style]),
+                             pieces=len({piece_of(name) for name, _, _ in split[style]}),
+                             const64=float((t - 64).abs().mean()),
+                             style_mean=float((t - train_means[style]).abs().mean()),
                              file_mean=float((t - fm).abs().mean()))
     model.train()
     return report
@@ -502,10 +518,13 @@ STYLES = ("lyrical", "groove")
 MAJOR, MINOR = (0, 2, 4, 5, 7, 9, 11), (0, 2, 3, 5, 7, 8, 10)
 
 
-PROGRESSIONS = ([0, 3, 4, 0], [0, 5, 3, 4], [0, 3, 0, 4], [5, 3, 0, 4], [0, 4, 5, 3])  # scale degrees, one chord a bar
+# scale degrees, one chord a bar
+PROGRESSIONS = ([0, 3, 4, 0], [0, 5, 3, 4], [0, 3, 0, 4], [5, 3, 0, 4], [0, 4, 5, 3])
 
 
-RHYTHMS = {16: ([4, 4, 4, 4], [4, 2, 2, 4, 4], [2, 2, 2, 2, 4, 4], [6, 2, 4, 4], [4, 4, 2, 2, 2, 2], [8, 4, 4]),  # 4/4, in sixteenths
+# 4/4, in sixteenths
+RHYTHMS = {16: ([4, 4, 4, 4], [4, 2, 2, 4, 4], [2, 2, 2, 2, 4, 4], [6, 2, 4, 4], [4, 4, 2, 2, 2, 2],
+                [8, 4, 4]),
            12: ([4, 4, 4], [4, 2, 2, 4], [6, 2, 4], [2, 2, 4, 4], [8, 4])}  # 3/4
 
 
@@ -548,10 +567,12 @@ def compose(rng, style, ticks_per_beat=480):
                     notes.append((t0 + s, 1, chord[[0, 2, 1, 2][s % 4]], 2 if s == 0 else 1))
             elif texture == "arpeggio":  # rising eighths, a sixteenth pickup on each beat's last
                 for s in range(0, bar, 2):
-                    notes.append((t0 + s, 2, [bass, chord[0], chord[1], chord[2]][(s // 2) % 4], 2 if s == 0 else 1))
+                    notes.append((t0 + s, 2, [bass, chord[0], chord[1], chord[2]][(s // 2) % 4],
+                                  2 if s == 0 else 1))
                     if s % 4 == 2:
                         notes.append((t0 + s + 1, 1, chord[2] + 12 - 12 * (rng.random() < 0.5), 1))
-            elif texture == "oompah":  # bass on the beat, chord on the off-beat eighth, a ghost before the beat
+            # bass on the beat, chord on the off-beat eighth, a ghost before the beat
+            elif texture == "oompah":
                 for s in range(0, bar, 4):
                     notes.append((t0 + s, 2, bass if s % 8 == 0 else pitch(root + 4, -1), 2))
                     notes += [(t0 + s + 2, 1, n, 1) for n in chord[1:]]
@@ -559,7 +580,8 @@ def compose(rng, style, ticks_per_beat=480):
             else:  # sustained chord and bass, a sixteenth figure on the last beat
                 notes += [(t0, bar, n, 1) for n in chord] + [(t0, bar, bass, 2)]
                 notes += [(t0 + bar - 4 + s, 1, chord[s % 3] + 12, 1) for s in (1, 2, 3)]
-    rows = [(start, dur, key, voice, perform(rng, style, start, voice, bar)) for start, dur, key, voice in notes]
+    rows = [(start, dur, key, voice, perform(rng, style, start, voice, bar))
+            for start, dur, key, voice in notes]
     mid = mido.MidiFile(type=1, ticks_per_beat=ticks_per_beat)
     per_step = ticks_per_beat // 4
     meta = mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=mido.bpm2tempo(tempo), time=0),
@@ -570,11 +592,13 @@ def compose(rng, style, ticks_per_beat=480):
         for start, dur, key, voice, vel in rows:
             if voice in voices:
                 timed.append((start * per_step, 1, key, vel))
-                timed.append(((start + dur) * per_step - per_step // 8, 0, key, 0))  # released just before the next cell
+                # released just before the next cell
+                timed.append(((start + dur) * per_step - per_step // 8, 0, key, 0))
         timed.sort()
         track, now = mido.MidiTrack([mido.MetaMessage("track_name", name=name, time=0)]), 0
         for tick, on, key, vel in timed:
-            track.append(mido.Message("note_on" if on else "note_off", note=key, velocity=vel if on else 0, time=tick - now))
+            track.append(mido.Message("note_on" if on else "note_off", note=key, velocity=vel if on else 0,
+                                      time=tick - now))
             now = tick
         mid.tracks.append(track)
     return mid
@@ -616,34 +640,67 @@ def builtin_pieces(n, seed, steps_per_beat):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="builtin", help="builtin, or a folder with one sub-folder of .mid files per style (default: %(default)s)")
-    parser.add_argument("--pieces", type=int, default=120, help="builtin: pieces composed per style (default: %(default)s)")
-    parser.add_argument("--model", default="tonenet", choices=["tonenet", "stylenet"], help="Luong-attention decoders, or StyleNet's linear heads (default: %(default)s)")
-    parser.add_argument("--steps-per-beat", type=int, default=4, help="grid cells per beat; 4 is sixteenth notes (default: %(default)s)")
-    parser.add_argument("--window", type=int, default=200, help="steps per training window, as in StyleNet and ToneNet (default: %(default)s)")
-    parser.add_argument("--pedal", action=argparse.BooleanOptionalAction, default=True, help="lengthen notes held by the sustain pedal (default: %(default)s)")
-    parser.add_argument("--test-frac", type=float, default=0.15, help="held-out test files per style (default: %(default)s)")
-    parser.add_argument("--val-frac", type=float, default=0.1, help="validation files per style, picks the best epoch (default: %(default)s)")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation/test split, kept apart from --seed so that runs with different seeds are tested on the same pieces (default: %(default)s)")
-    parser.add_argument("--transpose", type=int, default=3, help="training batches are moved up or down by up to this many keys, 0 for none (default: %(default)s)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="builtin",
+                        help="builtin, or a folder with one sub-folder of .mid files per style (default: "
+                             "%(default)s)")
+    parser.add_argument("--pieces", type=int, default=120,
+                        help="builtin: pieces composed per style (default: %(default)s)")
+    parser.add_argument("--model", default="tonenet", choices=["tonenet", "stylenet"],
+                        help="Luong-attention decoders, or StyleNet's linear heads (default: %(default)s)")
+    parser.add_argument("--steps-per-beat", type=int, default=4,
+                        help="grid cells per beat; 4 is sixteenth notes (default: %(default)s)")
+    parser.add_argument("--window", type=int, default=200,
+                        help="steps per training window, as in StyleNet and ToneNet (default: %(default)s)")
+    parser.add_argument("--pedal", action=argparse.BooleanOptionalAction, default=True,
+                        help="lengthen notes held by the sustain pedal (default: %(default)s)")
+    parser.add_argument("--test-frac", type=float, default=0.15,
+                        help="held-out test files per style (default: %(default)s)")
+    parser.add_argument("--val-frac", type=float, default=0.1,
+                        help="validation files per style, picks the best epoch (default: %(default)s)")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="seed of the train/validation/test split, kept apart from --seed so that runs "
+                             "with different seeds are tested on the same pieces (default: %(default)s)")
+    parser.add_argument("--transpose", type=int, default=3,
+                        help="training batches are moved up or down by up to this many keys, 0 for none "
+                             "(default: %(default)s)")
     parser.add_argument("--hidden", type=int, default=64, help="LSTM size (default: %(default)s)")
     parser.add_argument("--layers", type=int, default=2, help="encoder LSTM layers (default: %(default)s)")
     parser.add_argument("--dropout", type=float, default=0.2, help="(default: %(default)s)")
-    parser.add_argument("--voices", action=argparse.BooleanOptionalAction, default=False, help="add note features: top voice, bottom voice, how long each note is held (default: %(default)s)")
+    parser.add_argument("--voices", action=argparse.BooleanOptionalAction, default=False,
+                        help="add note features: top voice, bottom voice, how long each note is held "
+                             "(default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=24, help="(default: %(default)s)")
-    parser.add_argument("--time-limit", type=float, default=0, help="stop training after this many seconds, 0 for none (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch; small batches give more updates a minute (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate; ToneNet used 1e-3, which at batch 8 needs about twice the epochs (default: %(default)s)")
-    parser.add_argument("--lr-decay", action=argparse.BooleanOptionalAction, default=False, help="cosine decay of the learning rate to a tenth over the run (default: %(default)s)")
-    parser.add_argument("--loss", default="mse", choices=["mse", "l1"], help="squared error (ToneNet's) or absolute error on velocity/127 (default: %(default)s)")
-    parser.add_argument("--clip", type=float, default=10.0, help="gradient norm clipping (default: %(default)s)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "tonenet.pt"), help="checkpoint path (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision (the LSTMs stay in fp32 under bf16); auto: bf16 on GPUs from Ampere on, fp16 with a GradScaler on older GPUs (a T4), fp32 on CPUs and MPS (default: %(default)s)")
+    parser.add_argument("--time-limit", type=float, default=0,
+                        help="stop training after this many seconds, 0 for none (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="windows per batch; small batches give more updates a minute (default: "
+                             "%(default)s)")
+    parser.add_argument("--lr", type=float, default=2e-3,
+                        help="Adam learning rate (ToneNet used 1e-3) (default: %(default)s)")
+    parser.add_argument("--lr-decay", action=argparse.BooleanOptionalAction, default=False,
+                        help="cosine decay of the learning rate to a tenth over the run (default: "
+                             "%(default)s)")
+    parser.add_argument("--loss", default="mse", choices=["mse", "l1"],
+                        help="squared error (ToneNet's) or absolute error on velocity/127 (default: "
+                             "%(default)s)")
+    parser.add_argument("--clip", type=float, default=10.0,
+                        help="gradient norm clipping (default: %(default)s)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "tonenet.pt"),
+                        help="checkpoint path (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                        help="mixed precision (the LSTMs stay in fp32 under bf16); auto: bf16 on GPUs from "
+                             "Ampere on, fp16 with a GradScaler on older GPUs (a T4), fp32 on CPUs and MPS "
+                             "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    parser.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
-    parser.add_argument("--dry-run", action="store_true", help="two batches, one evaluation, a checkpoint: checks that every line runs, in seconds")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="two batches, one evaluation, a checkpoint: checks that every line runs, in "
+                             "seconds")
     parser.error = lambda message: fail(f"{message} (see --help)")  # one line, not argparse's usage block
     args = parser.parse_args()
     if args.dry_run:  # pytorch/examples' --dry-run: the whole script once, on the least data
@@ -666,25 +723,31 @@ def main():
     for s, style in enumerate(styles):
         roll, vel = windows(split["train"][style], args.window, args.window // 2)  # half-overlapping windows
         parts.append((roll, vel, torch.full((len(roll),), s)))
-        train_means[style] = float(np.concatenate([v[r[..., 0] == 1] for _, r, v in split["train"][style]]).mean())
+        struck = [v[r[..., 0] == 1] for _, r, v in split["train"][style]]  # velocities of the struck notes
+        train_means[style] = float(np.concatenate(struck).mean())
     roll = torch.cat([p[0] for p in parts]).to(device)  # (N, W, 88, 2) uint8
     vel = torch.cat([p[1] for p in parts]).to(device)  # (N, W, 88) uint8
     style_of = torch.cat([p[2] for p in parts])  # (N,) on the host: the model routes windows by it
     for style in styles:
-        counts = {name: (len(part[style]), len({piece_of(f) for f, _, _ in part[style]}), sum(int(r[..., 0].sum()) for _, r, _ in part[style]))
+        counts = {name: (len(part[style]), len({piece_of(f) for f, _, _ in part[style]}),
+                         sum(int(r[..., 0].sum()) for _, r, _ in part[style]))
                   for name, part in split.items()}
-        print(f"data: {style}: " + " / ".join(f"{name} {files} files of {pieces} pieces, {notes:,} notes" for name, (files, pieces, notes) in counts.items())
-              + f"; mean training velocity {train_means[style]:.1f}")
-    print(f"data: {len(roll)} training windows of {args.window} steps ({args.window / args.steps_per_beat:.0f} beats)")
+        sizes = [f"{name} {files} files of {pieces} pieces, {notes:,} notes"
+                 for name, (files, pieces, notes) in counts.items()]
+        print(f"data: {style}: " + " / ".join(sizes) + f"; mean training velocity {train_means[style]:.1f}")
+    print(f"data: {len(roll)} training windows of {args.window} steps "
+          f"({args.window / args.steps_per_beat:.0f} beats)")
 
     # ---- model
-    model_args = dict(styles=styles, hidden=args.hidden, layers=args.layers, dropout=args.dropout, model=args.model, voices=args.voices)
+    model_args = dict(styles=styles, hidden=args.hidden, layers=args.layers, dropout=args.dropout,
+                      model=args.model, voices=args.voices)
     model = ToneNet(**model_args).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors
+    # one kernel for all tensors
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))
     amp_dtype, needs_scaler = precision_for(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see common.choose_precision
-    print(f"model: {args.model}, {sum(p.numel() for p in model.parameters()):,} parameters, {len(styles)} style heads, on {device}, "
-          f"autocast {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}{' +GradScaler' if needs_scaler else ''}")
+    print(f"model: {args.model}, {sum(p.numel() for p in model.parameters()):,} parameters, {len(styles)} "
+          f"style heads, on {device}, autocast {precision_name(amp_dtype, needs_scaler)}")
 
     # ---- training
     out, best, train_time, seen = Path(args.out), float("inf"), 0.0, 0
@@ -692,8 +755,12 @@ def main():
     batches_per_epoch = -(-len(roll) // args.batch_size)
 
     def lr_at(n):
-        """Cosine decay from lr to lr/10 over the run: of the seconds with --time-limit, else of the batches."""
-        p = (train_time + time.time() - t0) / args.time_limit if args.time_limit else (epoch - 1 + n / batches_per_epoch) / args.epochs
+        """Cosine decay from lr to lr/10 over the run: of the seconds with --time-limit, else of the
+        batches."""
+        if args.time_limit:
+            p = (train_time + time.time() - t0) / args.time_limit
+        else:
+            p = (epoch - 1 + n / batches_per_epoch) / args.epochs
         return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(p, 1.0))))
 
     def out_of_time(n):
@@ -701,7 +768,8 @@ def main():
 
     for epoch in range(1, args.epochs + 1):
         t0 = time.time()
-        loss_sum, n_batches = train_epoch(model, optimizer, scaler, (roll, vel, style_of), generator, args.batch_size,
+        loss_sum, n_batches = train_epoch(model, optimizer, scaler, (roll, vel, style_of), generator,
+                                          args.batch_size,
                                           args.transpose, args.clip, amp_dtype, args.loss,
                                           lr_at if args.lr_decay else None, out_of_time)
         seen += min(n_batches * args.batch_size, len(roll))  # only the last batch is short
@@ -713,15 +781,18 @@ def main():
         remaining = train_time / epoch * (args.epochs - epoch)
         if args.time_limit:
             remaining = max(0.0, min(remaining, args.time_limit - train_time))
-        print(f"epoch {epoch}/{args.epochs} | loss {loss_sum.item() / n_batches:.4f} | {n_batches * args.batch_size / dt:,.0f} windows/s | "
-              f"{1000 * dt / n_batches:.1f} ms/step | elapsed {train_time:.0f}s | eta {remaining:.0f}s | val MAE "
+        print(f"epoch {epoch}/{args.epochs} | loss {loss_sum.item() / n_batches:.4f} | "
+              f"{n_batches * args.batch_size / dt:,.0f} windows/s | "
+              f"{1000 * dt / n_batches:.1f} ms/step | elapsed {train_time:.0f}s | eta {remaining:.0f}s | val "
+              "MAE "
               + " ".join(f"{s} {r['mae']:.2f}" for s, r in report.items()))
         if val_mae < best:
             best = val_mae
             save_checkpoint({
                 "kind": "tonenet",  # sample.py refuses checkpoints of other scripts
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
-                "styles": styles, "steps_per_beat": args.steps_per_beat, "window": args.window, "pedal": args.pedal,
+                "styles": styles, "steps_per_beat": args.steps_per_beat, "window": args.window,
+                "pedal": args.pedal,
                 "train_means": train_means, "epoch": epoch, "best_val_mae": best, "config": vars(args),
             }, out)
         if args.time_limit and train_time > args.time_limit:
@@ -735,12 +806,14 @@ def main():
     print(f"  {'style':<12}{'pieces':>7}{'notes':>8}{args.model:>10}{'corr':>7}{'level given*':>14}"
           f"{'const 64':>10}{'style mean':>12}{'file mean*':>12}")
     for style, r in report.items():
-        print(f"  {style:<12}{r['pieces']:>7}{r['notes']:>8}{r['mae']:>10.2f}{r['corr']:>7.3f}{r['level_mae']:>14.2f}"
-              f"{r['const64']:>10.2f}{r['style_mean']:>12.2f}{r['file_mean']:>12.2f}")
+        print(f"  {style:<12}{r['pieces']:>7}{r['notes']:>8}{r['mae']:>10.2f}{r['corr']:>7.3f}"
+              f"{r['level_mae']:>14.2f}{r['const64']:>10.2f}{r['style_mean']:>12.2f}{r['file_mean']:>12.2f}")
     print("  * told each test file's true mean velocity: the model shifted to it, and the file-mean oracle")
-    fields = [f"{s}_{k}={r[k]:.3f}" for s, r in report.items() for k in ("mae", "corr", "level_mae", "const64", "style_mean", "file_mean")]
+    keys = ("mae", "corr", "level_mae", "const64", "style_mean", "file_mean")
+    fields = [f"{s}_{k}={r[k]:.3f}" for s, r in report.items() for k in keys]
     print(f"result: model={args.model} mae={sum(r['mae'] for r in report.values()) / len(report):.3f} "
-          f"style_mean_mae={sum(r['style_mean'] for r in report.values()) / len(report):.3f} {' '.join(fields)} "
+          f"style_mean_mae={sum(r['style_mean'] for r in report.values()) / len(report):.3f} "
+          f"{' '.join(fields)} "
           f"windows_per_s={seen / max(train_time, 1e-9):.0f} train_seconds={train_time:.1f}")
 
 

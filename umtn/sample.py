@@ -3,7 +3,7 @@
     python umtn/sample.py                                  # a built-in pluck melody, into every domain
     python umtn/sample.py input.wav --to organ --out out.wav
     python umtn/sample.py input.wav --to all               # umtn/out/input_to_<domain>.wav for every domain
-    python umtn/sample.py input.wav --method plain         # the paper's queues, unfused (slower, same samples)
+    python umtn/sample.py input.wav --method plain         # the paper's queues, unfused (same samples)
 
 The input is encoded once; each target's decoder then samples the output autoregressively
 (--temperature). Long inputs are cut into chunks of --chunk seconds that are generated side by
@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train import (TimbreClassifier, fail, frame_size, generate, load_checkpoint, melody, mu_law_decode, pitch_track, read_wav,
+from train import (TimbreClassifier, fail, frame_size, generate, load_checkpoint, melody, mu_law_decode,
+                   pitch_track, read_wav,
                    render, write_wav)  # the sibling train.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
@@ -51,7 +52,8 @@ def show(audio, outputs, domains, rate, timbre, seconds):
     """What happened to the music: the input's notes and each output's, side by side, how many of
     the input's voiced frames each output plays at the same note, and which instrument it sounds like."""
     line, midi_in = notes_over_time(audio, rate, seconds)
-    print(f"notes over the first {min(seconds, len(audio) / rate):.1f} s (one per 1/8 s; '.' is silence or noise):")
+    print(f"notes over the first {min(seconds, len(audio) / rate):.1f} s (one per 1/8 s; '.' is silence or "
+          "noise):")
     print(f"  {'input':<12}{line}")
     for t, y in outputs.items():
         line, midi = notes_over_time(y, rate, seconds)
@@ -60,7 +62,8 @@ def show(audio, outputs, domains, rate, timbre, seconds):
         same = (midi[:n] == midi_in[:n]) & voiced
         heard = f", sounds like {timbre(y, midi_in)}" if timbre else ""
         print(f"  {'-> ' + domains[t]:<12}{line}")
-        print(f"  {'':<12}(plays the input's note in {100 * same.sum() / max(1, voiced.sum()):.0f}% of its voiced frames{heard})")
+        print(f"  {'':<12}(plays the input's note in {100 * same.sum() / max(1, voiced.sum()):.0f}% of its "
+              f"voiced frames{heard})")
 
 
 def translate(model, audio, targets, rate, chunk_seconds, overlap_seconds, temperature, method, device, seed):
@@ -99,19 +102,33 @@ def translate(model, audio, targets, rate, chunk_seconds, overlap_seconds, tempe
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", nargs="?", help="a .wav file (default: a built-in melody)")
-    parser.add_argument("--to", default="all", help="target domain from the checkpoint, or all (default: %(default)s)")
-    parser.add_argument("--out", default=None, help="output .wav; with several targets, _<domain> is added (default: umtn/out/<input>_<domain>.wav)")
-    parser.add_argument("--seconds", type=float, default=0, help="translate only the first this many seconds, 0 for all (default: %(default)s)")
-    parser.add_argument("--chunk", type=float, default=1.0, help="seconds per chunk generated in parallel (default: %(default)s)")
-    parser.add_argument("--overlap", type=float, default=0.05, help="seconds of lead-in cross-faded at each chunk boundary (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of sampling (default: %(default)s)")
-    parser.add_argument("--method", default="fast", choices=["fast", "plain", "naive"], help="generation: fused queues, the paper's plain queues, or the whole receptive field per sample; all draw the same samples (default: %(default)s)")
-    parser.add_argument("--show", type=float, default=4.0, help="seconds of notes shown for the input and each output (default: %(default)s)")
-    parser.add_argument("--checkpoint", default=str(Path(__file__).parent / "out" / "umtn.pt"), help="from umtn/train.py (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--to", default="all",
+                        help="target domain from the checkpoint, or all (default: %(default)s)")
+    parser.add_argument("--out", default=None,
+                        help="output .wav; with several targets, _<domain> is added (default: "
+                             "umtn/out/<input>_<domain>.wav)")
+    parser.add_argument("--seconds", type=float, default=0,
+                        help="translate only the first this many seconds, 0 for all (default: %(default)s)")
+    parser.add_argument("--chunk", type=float, default=1.0,
+                        help="seconds per chunk generated in parallel (default: %(default)s)")
+    parser.add_argument("--overlap", type=float, default=0.05,
+                        help="seconds of lead-in cross-faded at each chunk boundary (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="softmax temperature of sampling (default: %(default)s)")
+    parser.add_argument("--method", default="fast", choices=["fast", "plain", "naive"],
+                        help="generation: fused queues, the paper's plain queues, or the whole receptive "
+                             "field per sample; all draw the same samples (default: %(default)s)")
+    parser.add_argument("--show", type=float, default=4.0,
+                        help="seconds of notes shown for the input and each output (default: %(default)s)")
+    parser.add_argument("--checkpoint", default=str(Path(__file__).parent / "out" / "umtn.pt"),
+                        help="from umtn/train.py (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, not a usage block
     args = parser.parse_args()
     seed_everything(args.seed)
     device = get_device(args.device)
@@ -144,14 +161,17 @@ def main():
         elif len(targets) == 1:
             path = Path(args.out)
         else:
-            path = Path(args.out).with_name(f"{Path(args.out).stem}_to_{domains[t]}{Path(args.out).suffix or '.wav'}")
+            base = Path(args.out)
+            path = base.with_name(f"{base.stem}_to_{domains[t]}{base.suffix or '.wav'}")
         if path.resolve() == source.resolve():
             fail(f"--out {path} is the input file: choose another name, the input is never overwritten")
         outputs[t] = path
-    print(f"{source}: {len(audio) / rate:.2f} s at {rate} Hz -> {', '.join(domains[t] for t in targets)} ({args.method} generation)")
+    print(f"{source}: {len(audio) / rate:.2f} s at {rate} Hz -> {', '.join(domains[t] for t in targets)} "
+          f"({args.method} generation)")
 
     t0 = time.time()
-    result = translate(model, audio, targets, rate, args.chunk, args.overlap, args.temperature, args.method, device, args.seed)
+    result = translate(model, audio, targets, rate, args.chunk, args.overlap, args.temperature, args.method,
+                       device, args.seed)
     synchronize(device)
     seconds = time.time() - t0
     total = len(audio) * len(targets)

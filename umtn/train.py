@@ -7,7 +7,7 @@ it (adversarially, sec. 3.2), so the code keeps what is played but not what play
 autoregressive WaveNet decoder per instrument turns a code back into that instrument's audio.
 Translation: encode any input, decode with the target instrument's decoder.
 
-    python umtn/train.py                        # three synthesised instruments (pluck, organ, reed): 8.0 -> 3.1 bits/sample, about 7 min on 2 CPU cores
+    python umtn/train.py                        # three synthesised instruments: pluck, organ, reed
     python umtn/train.py --data medley          # one sub-folder of .wav files per instrument
     torchrun --nproc_per_node=2 umtn/train.py   # DistributedDataParallel: Gloo on CPU, NCCL on CUDA
     python umtn/sample.py input.wav --to organ --out out.wav
@@ -19,7 +19,7 @@ of a held-out melody is known, and the end of training scores every translation 
 written notes (raw pitch accuracy), a timbre classifier (does it sound like the target?) and
 the true rendering (log-mel distance), beside a topline (the target's decoder on the code of
 the true target rendering) and two baselines (the untranslated input; the code of silence).
-See the README for what a working run prints.
+umtn/README.md shows what a working run prints.
 """
 import argparse
 import math
@@ -40,7 +40,8 @@ from scipy.signal import lfilter, resample_poly
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
-from common import autocast, get_device, precision_for, seed_everything, synchronize, torchrun_device
+from common import (autocast, get_device, precision_for, precision_name, seed_everything, synchronize,
+                    torchrun_device)
 
 MU = 255  # 8-bit mu-law: 256 classes
 DOMAINS = ("pluck", "organ", "reed")
@@ -106,9 +107,11 @@ class WaveNet(nn.Module):
         self.dilations = [2 ** i for _ in range(blocks) for i in range(layers)]
         n = len(self.dilations)
         self.embed = nn.Embedding(MU + 1, channels)  # the same as one-hot input into a 1x1 convolution
-        self.dilated = nn.ModuleList(nn.Linear(channels, 4 * channels) for _ in range(n))  # [W0; W1] of each kernel-2 convolution
+        # [W0; W1] of each kernel-2 convolution
+        self.dilated = nn.ModuleList(nn.Linear(channels, 4 * channels) for _ in range(n))
         self.res_skip = nn.ModuleList(nn.Linear(channels, channels + skip) for _ in range(n))
-        self.cond = nn.Linear(latent, n * 2 * channels + skip)  # every layer's conditioning (and the head's) in one 1x1
+        # every layer's conditioning (and the head's) in one 1x1
+        self.cond = nn.Linear(latent, n * 2 * channels + skip)
         self.head1 = nn.Linear(skip, skip)
         self.head2 = nn.Linear(skip, MU + 1)
 
@@ -131,10 +134,12 @@ class WaveNet(nn.Module):
         skip = 0
         for dilated, res_skip, c, d in zip(self.dilated, self.res_skip, layer_cond, self.dilations):
             w0x, w1x = dilated(x).chunk(2, -1)  # (B, T, 2C) each: W0 x + b0, W1 x + b1
-            # causal: W0 x_{t-d} + b0, where before the start x is zero (a convolution's left padding), leaving b0
+            # causal: W0 x_{t-d} + b0, where before the start x is zero (a convolution's left padding),
+            # leaving b0
             start = dilated.bias[:2 * self.channels].expand(B, min(d, T), -1)
             h = w1x + torch.cat([start, w0x[:, :max(T - d, 0)]], 1)
-            h = (h.view(B, F_, self.pool, -1) + c[:, :, None]).view(B, T, -1)  # the frame's conditioning, broadcast over its samples
+            # the frame's conditioning, broadcast over its samples
+            h = (h.view(B, F_, self.pool, -1) + c[:, :, None]).view(B, T, -1)
             a, b = h.chunk(2, -1)
             out = res_skip(torch.tanh(a) * torch.sigmoid(b))  # gated unit (van den Oord et al. 2016, eq. 2)
             x = x + out[..., :self.channels]
@@ -151,7 +156,8 @@ class UMTN(nn.Module):
                  dec_channels=32, skip_channels=32, dec_blocks=2, dec_layers=6):
         super().__init__()
         self.encoder = Encoder(enc_channels, enc_blocks, enc_layers, latent, pool)
-        self.decoders = nn.ModuleList(WaveNet(dec_channels, skip_channels, dec_blocks, dec_layers, latent, pool) for _ in domains)
+        decoder = lambda: WaveNet(dec_channels, skip_channels, dec_blocks, dec_layers, latent, pool)
+        self.decoders = nn.ModuleList(decoder() for _ in domains)  # one per instrument
 
     def forward(self, audio_in, prev, target, domain):
         """audio_in (B, T) the (augmented) input, prev (B, T) the classes shifted right, target (B, T)
@@ -163,7 +169,8 @@ class UMTN(nn.Module):
             # the items of domain d, found on the host: nonzero() of a GPU tensor would wait for the GPU
             idx = (domain.cpu() == d).nonzero().squeeze(1).to(z.device, non_blocking=True)
             logits = decoder(prev[idx], z[idx])  # (b, T, 256)
-            loss = loss + F.cross_entropy(logits.flatten(0, 1).float(), target[idx].flatten(), reduction="sum")
+            loss = loss + F.cross_entropy(logits.flatten(0, 1).float(), target[idx].flatten(),
+                                          reduction="sum")
         return loss / target.numel(), z
 
 
@@ -188,7 +195,8 @@ def generate(decoders, z, n, temperature=1.0, seed=0, method="fast"):
     algorithm fused for speed (the default); "naive", the whole receptive field recomputed for
     every sample. Sampling is Gumbel-max: the argmax of logits / temperature plus Gumbel noise is
     an exact draw from the softmax, and every method uses the same noise."""
-    return {"plain": generate_plain, "fast": generate_fast, "naive": generate_naive}[method](decoders, z, n, temperature, seed)
+    return {"plain": generate_plain, "fast": generate_fast,
+            "naive": generate_naive}[method](decoders, z, n, temperature, seed)
 
 
 @torch.inference_mode()
@@ -201,9 +209,11 @@ def generate_plain(decoders, z, n, temperature=1.0, seed=0, block=512):
     noise = gumbel_noise((K, B), n, seed, z.dtype, z.device, block)
     out = torch.empty(K, B, n, dtype=torch.long, device=z.device)
     prev = torch.full((K, B), MU // 2 + 1, dtype=torch.long, device=z.device)  # the class of silence
-    conds = [dec.conditioning(z[k]) for k, dec in enumerate(decoders)]  # per latent frame: [(B, F, 2C)], (B, F, S)
+    # per latent frame: [(B, F, 2C)], (B, F, S)
+    conds = [dec.conditioning(z[k]) for k, dec in enumerate(decoders)]
     # before the start every layer's input is zero, as the convolution's left padding is in training
-    queues = [[deque(z.new_zeros(B, dec.channels) for _ in range(d)) for d in dec.dilations] for dec in decoders]
+    queues = [[deque(z.new_zeros(B, dec.channels) for _ in range(d)) for d in dec.dilations]
+              for dec in decoders]
     for t in range(n):
         if t % block == 0:
             gumbel = next(noise)  # (block, K, B, 256)
@@ -217,7 +227,8 @@ def generate_plain(decoders, z, n, temperature=1.0, seed=0, block=512):
                 q.append(x)  # ... and now's, popped again d steps later
                 w0, w1 = dilated.weight.chunk(2)  # the two taps of the kernel-2 convolution
                 b0, b1 = dilated.bias.chunk(2)
-                h = F.linear(past, w0, b0) + F.linear(x, w1, b1) + c[:, f]  # (B, 2C), with the frame's conditioning
+                # (B, 2C), with the frame's conditioning
+                h = F.linear(past, w0, b0) + F.linear(x, w1, b1) + c[:, f]
                 a, g = h.chunk(2, -1)
                 o = res_skip(torch.tanh(a) * torch.sigmoid(g))  # gated unit, then the residual and skip 1x1s
                 x, skip = x + o[:, :C], skip + o[:, C:]
@@ -234,11 +245,13 @@ def generate_naive(decoders, z, n, temperature=1.0, seed=0, block=512):
     noise = gumbel_noise((K, B), n, seed, z.dtype, device, block)
     out = torch.empty(K, B, n, dtype=torch.long, device=device)
     R, pool = decoders[0].receptive_field(), decoders[0].pool
-    history = torch.full((K, B, 1), MU // 2 + 1, dtype=torch.long, device=device)  # silence, then everything drawn
+    # silence, then everything drawn
+    history = torch.full((K, B, 1), MU // 2 + 1, dtype=torch.long, device=device)
     for t in range(n):
         if t % block == 0:
             gumbel = next(noise)
-        window = history[:, :, -R:]  # the last output depends on these alone; before sample 0, zeros as in training
+        # the last output depends on these alone; before sample 0, zeros as in training
+        window = history[:, :, -R:]
         frames = torch.arange(t + 1 - window.shape[2], t + 1, device=device) // pool
         logits = []
         for k, decoder in enumerate(decoders):
@@ -284,23 +297,30 @@ def generate_fast(decoders, z, n, temperature=1.0, seed=0, block=512):
     C, pool, L = dec.channels, dec.pool, len(dec.dilations)
     dt = dict(device=device, dtype=z.dtype)
     half = torch.cat([torch.ones(C), torch.full((C,), 0.5)]).to(**dt)  # sigmoid(g) = (1 + tanh(g / 2)) / 2
-    per = lambda get: torch.stack([torch.stack([get(d, l) for d in decoders]) for l in range(L)])  # (L, K, ...)
+    # (L, K, ...)
+    per = lambda get: torch.stack([torch.stack([get(d, l) for d in decoders]) for l in range(L)])
     # h = W1 x_t + [W0 x_{t-d} + b + conditioning]: the bracket comes from the queue and the frame, the
     # gate half of everything halved so that one tanh serves both halves
     W1 = per(lambda d, l: d.dilated[l].weight[2 * C:].t() * half)  # (L, K, C, 2C)
     W0 = per(lambda d, l: d.dilated[l].weight[:2 * C].t() * half).view(L * K, C, 2 * C)
     bias = per(lambda d, l: d.dilated[l].bias[:2 * C] + d.dilated[l].bias[2 * C:])  # (L, K, 2C)
     conds = [d.conditioning(z[k]) for k, d in enumerate(decoders)]  # projected once per frame
-    frame_bias = ((torch.stack([torch.stack(c[0]) for c in conds], 1) + bias[:, :, None, None]) * half)  # (L, K, B, F, 2C)
+    # (L, K, B, F, 2C)
+    frame_bias = ((torch.stack([torch.stack(c[0]) for c in conds], 1) + bias[:, :, None, None]) * half)
     frame_bias = frame_bias.permute(3, 0, 1, 2, 4).contiguous()  # (F, L, K, B, 2C): one frame is one block
-    head_frame = (torch.stack([c[1] for c in conds]) + torch.stack([d.head1.bias for d in decoders])[:, None, None]).permute(2, 0, 1, 3).contiguous()  # (F, K, B, S)
+    # (F, K, B, S)
+    head_bias = torch.stack([d.head1.bias for d in decoders])[:, None, None]  # (K, 1, 1, S)
+    head_frame = (torch.stack([c[1] for c in conds]) + head_bias).permute(2, 0, 1, 3).contiguous()
     # tanh(a) * sigmoid(g) = (t_a + t_a * t_g) / 2, the / 2 folded into the next products. Each gate
     # output carries a constant 1 in an extra column, so the products below add their biases too.
-    Wr = per(lambda d, l: torch.cat([d.res_skip[l].weight[:C].t() / 2, d.res_skip[l].bias[None, :C]]))  # (L, K, C + 1, C)
-    Ws = torch.stack([torch.cat([torch.cat([d.res_skip[l].weight[C:].t() / 2, d.res_skip[l].bias[None, C:]]) for l in range(L)])
+    # (L, K, C + 1, C)
+    Wr = per(lambda d, l: torch.cat([d.res_skip[l].weight[:C].t() / 2, d.res_skip[l].bias[None, :C]]))
+    Ws = torch.stack([torch.cat([torch.cat([d.res_skip[l].weight[C:].t() / 2, d.res_skip[l].bias[None, C:]])
+                                 for l in range(L)])
                       for d in decoders])  # (K, L (C + 1), S): every layer's skip at once
     H1 = torch.stack([d.head1.weight.t() for d in decoders])
-    H2 = torch.stack([d.head2.weight.t() for d in decoders]) / temperature  # logits already divided by the temperature
+    # logits already divided by the temperature
+    H2 = torch.stack([d.head2.weight.t() for d in decoders]) / temperature
     b2 = torch.stack([d.head2.bias for d in decoders])[:, None] / temperature
     embed = torch.stack([d.embed.weight for d in decoders]).view(K * (MU + 1), C)
     # buffers
@@ -309,14 +329,20 @@ def generate_fast(decoders, z, n, temperature=1.0, seed=0, block=512):
     H = torch.empty(L, K, B, 2 * C, **dt)
     G = torch.ones(K, B, L, C + 1, **dt)  # gate outputs, with the constant-1 column
     W0x = torch.empty(L * K, B, 2 * C, **dt)
-    offsets = torch.tensor([0] + dec.dilations[:-1], device=device).cumsum(0)  # one ring buffer per layer, end to end
+    # one ring buffer per layer, end to end
+    offsets = torch.tensor([0] + dec.dilations[:-1], device=device).cumsum(0)
     period = max(dec.dilations)  # every t % d repeats with this period: the ring rows of step t, tabled once
-    slots = torch.arange(period, device=device)[:, None] % torch.tensor(dec.dilations, device=device) + offsets  # (period, L)
-    ring = torch.zeros(sum(dec.dilations), K, B, 2 * C, **dt)  # W0 x of the last d steps: zero before the start
+    # (period, L)
+    dilations = torch.tensor(dec.dilations, device=device)
+    slots = torch.arange(period, device=device)[:, None] % dilations + offsets
+    # W0 x of the last d steps: zero before the start
+    ring = torch.zeros(sum(dec.dilations), K, B, 2 * C, **dt)
     vocab_offset = (torch.arange(K, device=device) * (MU + 1))[:, None]
-    views = [(X[l], pre[l], H[l], H[l][..., :C], H[l][..., C:], G[:, :, l, :C], G[:, :, l], W1[l], Wr[l], X[l + 1]) for l in range(L)]
+    views = [(X[l], pre[l], H[l], H[l][..., :C], H[l][..., C:], G[:, :, l, :C], G[:, :, l], W1[l], Wr[l],
+              X[l + 1]) for l in range(L)]
     views[-1] = views[-1][:-2] + (None, None)  # the last layer's residual output is never used
-    X0, Xall, W0x_rows, G_flat = X[0].view(K * B, C), X[:L].view(L * K, B, C), W0x.view(L, K, B, 2 * C), G.view(K, B, L * (C + 1))
+    X0, Xall = X[0].view(K * B, C), X[:L].view(L * K, B, C)
+    W0x_rows, G_flat = W0x.view(L, K, B, 2 * C), G.view(K, B, L * (C + 1))
     index = torch.empty(K, B, dtype=torch.long, device=device)
     drawn = torch.empty(n, K, B, dtype=torch.long, device=device)
     for t in range(n):
@@ -326,7 +352,8 @@ def generate_fast(decoders, z, n, temperature=1.0, seed=0, block=512):
         torch.index_select(ring, 0, slots[t % period], out=pre)  # every layer's W0 x_{t-d} at once
         pre += frame_bias[f]
         torch.add(prev, vocab_offset, out=index)
-        torch.index_select(embed, 0, index.view(-1), out=X0)  # each decoder's embedding of its previous sample
+        # each decoder's embedding of its previous sample
+        torch.index_select(embed, 0, index.view(-1), out=X0)
         for x, p, h, ha, hg, g, g1, w1, wr, x_next in views:
             torch.baddbmm(p, x, w1, out=h)  # (K, B, 2C)
             h.tanh_()
@@ -366,7 +393,8 @@ def read_wav(path, rate):
         raise ValueError("silent")
     if file_rate != rate:
         g = math.gcd(file_rate, rate)
-        x = resample_poly(x, rate // g, file_rate // g).astype(np.float32)  # polyphase, with an anti-alias filter
+        # polyphase, with an anti-alias filter
+        x = resample_poly(x, rate // g, file_rate // g).astype(np.float32)
     return np.clip(x, -1, 1)
 
 
@@ -407,7 +435,8 @@ def folder_audio(data, rate):
         if len(clips) >= 2:
             out[folder.name] = clips
         else:
-            print(f"warning: skipping domain {folder.name}: it needs at least 2 readable .wav files (train and test)", file=sys.stderr)
+            print(f"warning: skipping domain {folder.name}: it needs at least 2 readable .wav files (train "
+                  "and test)", file=sys.stderr)
     if len(out) < 2:
         fail(f"--data {data} has {len(out)} usable domain(s): need at least 2 sub-folders of .wav files")
     return out
@@ -445,8 +474,9 @@ class SegmentPool:
 
     def __init__(self, clips_by_domain, segment, device):
         domains = list(clips_by_domain)
-        self.audio = torch.from_numpy(np.concatenate([c for d in domains for c in clips_by_domain[d]])).to(device)
-        self.clip_len = torch.tensor([len(c) for d in domains for c in clips_by_domain[d]])
+        clips = [c for d in domains for c in clips_by_domain[d]]
+        self.audio = torch.from_numpy(np.concatenate(clips)).to(device)
+        self.clip_len = torch.tensor([len(c) for c in clips])
         self.clip_start = self.clip_len.cumsum(0) - self.clip_len
         counts = [len(clips_by_domain[d]) for d in domains]
         self.first_clip = torch.tensor(np.cumsum([0] + counts)[:-1])  # (D,) index of each domain's first clip
@@ -456,8 +486,10 @@ class SegmentPool:
     def batch(self, domain_of, generator):
         """domain_of (B,) -> (B, segment + 1) samples; the positions are drawn on the host."""
         B = len(domain_of)
-        clip = self.first_clip[domain_of] + (torch.rand(B, generator=generator) * self.n_clips[domain_of]).long()
-        start = self.clip_start[clip] + (torch.rand(B, generator=generator) * (self.clip_len[clip] - self.segment)).long()
+        u = torch.rand(B, generator=generator)
+        clip = self.first_clip[domain_of] + (u * self.n_clips[domain_of]).long()
+        u = torch.rand(B, generator=generator)
+        start = self.clip_start[clip] + (u * (self.clip_len[clip] - self.segment)).long()
         return self.audio[start.to(self.audio.device, non_blocking=True)[:, None] + self.offsets]
 
 
@@ -511,7 +543,8 @@ def load_checkpoint(path, device):
     except Exception as e:
         fail(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "umtn":
-        fail(f"{path} is not a umtn checkpoint (it was written by another script): train one with python umtn/train.py")
+        fail(f"{path} is not a umtn checkpoint (it was written by another script): train one with python "
+             "umtn/train.py")
     model = UMTN(**ckpt["model_args"]).to(device)
     model.load_state_dict(ckpt["model"])
     return ckpt, model.eval()
@@ -582,7 +615,8 @@ def partial_levels(x, pitch, rate, floor=-30.0):
     Clamped at -30 dB, so sampling noise, which lies about 30 dB below the partials, does not count
     as a partial."""
     size = frame_size(rate)
-    spec = np.abs(np.fft.rfft(frames(x, size, size // 4), 4 * size, axis=1))  # zero-padded: 4 bins per Hz step
+    # zero-padded: 4 bins per Hz step
+    spec = np.abs(np.fft.rfft(frames(x, size, size // 4), 4 * size, axis=1))
     pitch = np.asarray(pitch)[:len(spec)]
     levels = []
     for s, note in zip(spec[:len(pitch)][pitch > 0], pitch[pitch > 0]):
@@ -610,8 +644,10 @@ class TimbreClassifier:
 
     @classmethod
     def fit(cls, clips_by_domain, scores, rate):
-        levels = lambda c, notes: [partial_levels(x, written_pitch(notes, len(c), rate), rate) for x in (c, mu_law_noise(c, 4, len(notes)))]
-        centres = [np.mean([v for c, notes in zip(clips, scores) for v in levels(c, notes)], 0) for clips in clips_by_domain.values()]
+        levels = lambda c, notes: [partial_levels(x, written_pitch(notes, len(c), rate), rate)
+                                   for x in (c, mu_law_noise(c, 4, len(notes)))]
+        centres = [np.mean([v for c, notes in zip(clips, scores) for v in levels(c, notes)], 0)
+                   for clips in clips_by_domain.values()]
         return cls(clips_by_domain, centres, rate)
 
     def __call__(self, x, pitch):
@@ -628,7 +664,8 @@ def log_mel_distance(x, y, rate, floor_db=40.0, n_mels=40):
     edges = 700 * (10 ** (np.linspace(mel(50.0), mel(rate / 2), n_mels + 2) / 2595) - 1)
     f = np.fft.rfftfreq(size, 1 / rate)
     lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
-    bank = np.clip(np.minimum((f - lo) / (mid - lo), (hi - f) / (hi - mid)), 0, None)  # (n_mels, bins) triangles
+    # (n_mels, bins) triangles
+    bank = np.clip(np.minimum((f - lo) / (mid - lo), (hi - f) / (hi - mid)), 0, None)
     X, Y = ((np.abs(np.fft.rfft(frames(v, size, size // 4), axis=1)) ** 2) @ bank.T for v in (x, y))
     floor = Y.max() * 10 ** (-floor_db / 10) + 1e-12
     return float(np.sqrt(((10 * np.log10(np.maximum(X, floor) / np.maximum(Y, floor))) ** 2).mean(1)).mean())
@@ -638,7 +675,8 @@ def bootstrap(values, melody, n=1000, seed=0):
     """Mean of `values` and its 95% interval, resampling the melodies (a melody's clips together)."""
     values, melody = np.asarray(values, float), np.asarray(melody)
     ids = np.unique(melody)
-    sums, counts = np.array([values[melody == m].sum() for m in ids]), np.array([(melody == m).sum() for m in ids])
+    sums, counts = np.array([values[melody == m].sum()
+                             for m in ids]), np.array([(melody == m).sum() for m in ids])
     pick = np.random.default_rng(seed).integers(0, len(ids), (n, len(ids)))
     means = sums[pick].sum(1) / counts[pick].sum(1)
     return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
@@ -661,21 +699,26 @@ def translation_report(model, test, scores, rate, device, seconds, timbre, tempe
             "silence": [(None, t, i) for t in range(len(domains)) for i in range(m)]}
     model.eval()
     with torch.inference_mode():
-        per_target = [[(kind, k) for kind in jobs for k, job in enumerate(jobs[kind]) if job[1] == t] for t in range(len(domains))]
-        inputs = [torch.stack([torch.from_numpy(clip(jobs[kind][k][0], jobs[kind][k][2]) if kind != "silence" else np.zeros(n, np.float32))
-                               for kind, k in rows]) for rows in per_target]  # equal counts per target
+        per_target = [[(kind, k) for kind in jobs for k, job in enumerate(jobs[kind]) if job[1] == t]
+                      for t in range(len(domains))]
+        audio_of = lambda kind, k: (np.zeros(n, np.float32) if kind == "silence"
+                                    else clip(jobs[kind][k][0], jobs[kind][k][2]))
+        inputs = [torch.stack([torch.from_numpy(audio_of(kind, k)) for kind, k in rows])
+                  for rows in per_target]  # equal counts per target
         z = torch.stack([model.encoder(x.to(device)) for x in inputs])  # (D, clips per target, L, F)
         audio = mu_law_decode(generate(list(model.decoders), z, n, temperature, seed)).cpu().numpy()
     model.train()
     outputs = {key: audio[t, j] for t, rows in enumerate(per_target) for j, key in enumerate(rows)}
-    rows = {kind: {"pitch": [], "target": [], "mel": []} for kind in ("translation", "topline", "input", "silence")}
+    rows = {kind: {"pitch": [], "target": [], "mel": []}
+            for kind in ("translation", "topline", "input", "silence")}
     for kind, todo in (*jobs.items(), ("input", jobs["translation"])):
         for k, (s, t, i) in enumerate(todo):
             out = clip(s, i) if kind == "input" else outputs[(kind, k)]
             rows[kind]["pitch"].append(raw_pitch_accuracy(out, scores[i], rate))
             rows[kind]["target"].append(timbre(out, written_pitch(scores[i], n, rate)) == domains[t])
             rows[kind]["mel"].append(log_mel_distance(out, clip(t, i), rate))
-    for r in rows.values():  # the joint score: the melody kept (80% of its frames) and the target's timbre heard
+    # the joint score: the melody kept (80% of its frames) and the target's timbre heard
+    for r in rows.values():
         r["joint"] = [p >= 0.8 and h for p, h in zip(r["pitch"], r["target"])]
     who = {**jobs, "input": jobs["translation"]}  # the (source, target, melody) of each row
     return rows, who, {k: outputs[("translation", k)] for k in range(len(jobs["translation"]))}
@@ -683,14 +726,17 @@ def translation_report(model, test, scores, rate, device, seconds, timbre, tempe
 
 def print_report(rows, who, domains, say):
     """The scoreboard: each kind of output with 95% intervals, then translation per ordered pair."""
-    fmt = lambda v, pct: (f"{100 * v[0]:5.1f}% [{100 * v[1]:.0f}-{100 * v[2]:.0f}]" if pct else f"{v[0]:5.2f} [{v[1]:.1f}-{v[2]:.1f}]")
-    cols = (("pitch", "pitch accuracy", True), ("target", "hears the target", True), ("mel", "log-mel dist (dB)", False),
+    fmt = lambda v, pct: (f"{100 * v[0]:5.1f}% [{100 * v[1]:.0f}-{100 * v[2]:.0f}]" if pct
+                          else f"{v[0]:5.2f} [{v[1]:.1f}-{v[2]:.1f}]")
+    cols = (("pitch", "pitch accuracy", True), ("target", "hears the target", True),
+            ("mel", "log-mel dist (dB)", False),
             ("joint", "pitch >= 80% and target", True))
     say(f"  {'':<30}" + "".join(f"{title:>25}" for _, title, _ in cols))
     for kind, label in (("translation", "translation"), ("topline", "topline: target's own code"),
                         ("input", "baseline: untranslated input"), ("silence", "baseline: code of silence")):
         melody = [i for _, _, i in who[kind]]
-        say(f"  {label:<30}" + "".join(f"{fmt(bootstrap(rows[kind][key], melody), pct):>25}" for key, _, pct in cols))
+        say(f"  {label:<30}" + "".join(f"{fmt(bootstrap(rows[kind][key], melody), pct):>25}"
+                                       for key, _, pct in cols))
     say("  translation by ordered pair (the topline of its target in brackets):")
     for s, source in enumerate(domains):
         for t, target in enumerate(domains):
@@ -700,8 +746,10 @@ def print_report(rows, who, domains, say):
             top = [k for k, (_, b, _) in enumerate(who["topline"]) if b == t]
             mean = lambda kind, key, ks: np.mean([rows[kind][key][k] for k in ks])
             say(f"    {source + ' -> ' + target:<18} pitch {100 * mean('translation', 'pitch', pick):5.1f}% "
-                f"({100 * mean('topline', 'pitch', top):5.1f}%)  hears target {100 * mean('translation', 'target', pick):5.1f}% "
-                f"({100 * mean('topline', 'target', top):5.1f}%)  log-mel {mean('translation', 'mel', pick):5.2f} dB "
+                f"({100 * mean('topline', 'pitch', top):5.1f}%)  hears target "
+                f"{100 * mean('translation', 'target', pick):5.1f}% "
+                f"({100 * mean('topline', 'target', top):5.1f}%)  log-mel "
+                f"{mean('translation', 'mel', pick):5.2f} dB "
                 f"({mean('topline', 'mel', top):5.2f})")
 
 
@@ -723,7 +771,8 @@ def melody(rng, seconds, rate):
     while t < seconds * rate:
         length = int(rate * rng.choice([0.125, 0.25, 0.25, 0.375, 0.5]))
         pitch = min(key + 19, max(key, pitch + rng.choice([-5, -3, -2, 0, 2, 3, 5])))
-        pitch = key + min(range(0, 20), key=lambda s: abs(s - (pitch - key)) if s % 12 in (0, 2, 4, 7, 9) else 99)
+        pitch = key + min(range(0, 20),
+                          key=lambda s: abs(s - (pitch - key)) if s % 12 in (0, 2, 4, 7, 9) else 99)
         notes.append((t, length, pitch))
         t += length
     return notes
@@ -743,18 +792,23 @@ def render(notes, domain, seconds, rate):
             n = max(2, int(round(delay - 0.5)))  # the loop's two-tap average adds half a sample of delay
             gain = 0.5 * 10 ** (-3 / (f0 * 1.5))  # per period, so that every string dies away 60 dB in 1.5 s
             a = np.zeros(n + 2)
-            a[0], a[n], a[n + 1] = 1.0, -gain, -gain  # y[t] = x[t] + gain (y[t-n] + y[t-n-1]): a damped string
+            # y[t] = x[t] + gain (y[t-n] + y[t-n-1]): a damped string
+            a[0], a[n], a[n + 1] = 1.0, -gain, -gain
             u = np.arange(n) / n
-            shape = np.where(u < 0.3, u / 0.3, (1 - u) / 0.7)  # the string's shape when plucked at 30% of its length
+            # the string's shape when plucked at 30% of its length
+            shape = np.where(u < 0.3, u / 0.3, (1 - u) / 0.7)
             pluck = np.zeros(length * up)
             pluck[:n] = shape - shape.mean()
             tone = resample_poly(lfilter([1.0], a, pluck), 1, up)[:length]
-            tone *= 0.6 / max(1e-9, np.abs(tone).max())  # every note starts at the same level as the other instruments
+            # every note starts at the same level as the other instruments
+            tone *= 0.6 / max(1e-9, np.abs(tone).max())
         elif domain == "organ":
-            tone = sum(w * np.sin(2 * np.pi * k * f0 * t) for k, w in ((1, 0.5), (2, 0.35), (4, 0.2), (8, 0.1)) if k * f0 < rate / 2)
+            tone = sum(w * np.sin(2 * np.pi * k * f0 * t)
+                       for k, w in ((1, 0.5), (2, 0.35), (4, 0.2), (8, 0.1)) if k * f0 < rate / 2)
             tone *= np.minimum(1, t / 0.01) * np.minimum(1, (length / rate - t) / 0.01)
         else:  # reed
-            tone = sum(w * np.sin(2 * np.pi * k * f0 * t) for k, w in ((1, 0.5), (3, 0.3), (5, 0.18), (7, 0.1)) if k * f0 < rate / 2)
+            tone = sum(w * np.sin(2 * np.pi * k * f0 * t)
+                       for k, w in ((1, 0.5), (3, 0.3), (5, 0.18), (7, 0.1)) if k * f0 < rate / 2)
             tone *= np.minimum(1, t / 0.06) * np.minimum(1, (length / rate - t) / 0.02)
         out[start:start + length] += tone.astype(np.float32)
     return np.clip(out[: int(seconds * rate)], -1, 1)
@@ -772,44 +826,82 @@ def builtin_audio(n_melodies, seconds, rate, seed):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="builtin", help="builtin, or a folder with one sub-folder of .wav files per domain (default: %(default)s)")
-    parser.add_argument("--melodies", type=int, default=64, help="builtin: melodies, each rendered by every instrument (default: %(default)s)")
-    parser.add_argument("--seconds", type=float, default=4.0, help="builtin: length of each melody (default: %(default)s)")
-    parser.add_argument("--eval-melodies", type=int, default=12, help="builtin: held-out melodies, rendered by every instrument, translated at the end (default: %(default)s)")
-    parser.add_argument("--test-frac", type=float, default=0.1, help="folder data: held-out files per domain (default: %(default)s)")
-    parser.add_argument("--rate", type=int, default=4000, help="sample rate of the model; the reference used 16000 (default: %(default)s)")
-    parser.add_argument("--segment", type=int, default=1024, help="samples per training segment; reference 12000 (default: %(default)s)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="builtin",
+                        help="builtin, or a folder with one sub-folder of .wav files per domain (default: "
+                             "%(default)s)")
+    parser.add_argument("--melodies", type=int, default=64,
+                        help="builtin: melodies, each rendered by every instrument (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=4.0,
+                        help="builtin: length of each melody (default: %(default)s)")
+    parser.add_argument("--eval-melodies", type=int, default=12,
+                        help="builtin: held-out melodies, rendered by every instrument, translated at the "
+                             "end (default: %(default)s)")
+    parser.add_argument("--test-frac", type=float, default=0.1,
+                        help="folder data: held-out files per domain (default: %(default)s)")
+    parser.add_argument("--rate", type=int, default=4000,
+                        help="sample rate of the model; the reference used 16000 (default: %(default)s)")
+    parser.add_argument("--segment", type=int, default=1024,
+                        help="samples per training segment; reference 12000 (default: %(default)s)")
     parser.add_argument("--enc-channels", type=int, default=32, help="reference 128 (default: %(default)s)")
     parser.add_argument("--enc-blocks", type=int, default=2, help="reference 3 (default: %(default)s)")
     parser.add_argument("--enc-layers", type=int, default=8, help="reference 10 (default: %(default)s)")
-    parser.add_argument("--latent", type=int, default=16, help="latent channels; reference 64 (default: %(default)s)")
-    parser.add_argument("--pool", type=int, default=32, help="samples per latent frame; reference 800 (default: %(default)s)")
-    parser.add_argument("--dec-channels", type=int, default=32, help="residual channels; reference 128 (default: %(default)s)")
+    parser.add_argument("--latent", type=int, default=16,
+                        help="latent channels; reference 64 (default: %(default)s)")
+    parser.add_argument("--pool", type=int, default=32,
+                        help="samples per latent frame; reference 800 (default: %(default)s)")
+    parser.add_argument("--dec-channels", type=int, default=32,
+                        help="residual channels; reference 128 (default: %(default)s)")
     parser.add_argument("--skip-channels", type=int, default=32, help="reference 128 (default: %(default)s)")
     parser.add_argument("--dec-blocks", type=int, default=2, help="reference 4 (default: %(default)s)")
     parser.add_argument("--dec-layers", type=int, default=6, help="reference 14 (default: %(default)s)")
-    parser.add_argument("--dc-channels", type=int, default=64, help="domain classifier width; reference 100 (default: %(default)s)")
-    parser.add_argument("--dc-kernel", type=int, default=1, help="domain classifier's kernel over latent frames; reference 1 (default: %(default)s)")
-    parser.add_argument("--dc-dropout", type=float, default=0.0, help="dropout on the classifier's input latent; reference 0 (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the final translations (default: %(default)s)")
-    parser.add_argument("--dc-lambda", type=float, default=0.2, help="weight of domain confusion; reference 1e-2. Here 0.15-0.2 made translations keep the melody; "
-                        "0.05 left the instrument in the latent and 0.5 erased the melody too (default: %(default)s)")
-    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True, help="pitch augmentation of the encoder's input (default: %(default)s)")
-    parser.add_argument("--input-noise", type=float, default=0.05, help="Gaussian noise (sd) on the decoder's teacher-forced input, so that it must read the latent (default: %(default)s)")
+    parser.add_argument("--dc-channels", type=int, default=64,
+                        help="domain classifier width; reference 100 (default: %(default)s)")
+    parser.add_argument("--dc-kernel", type=int, default=1,
+                        help="domain classifier's kernel over latent frames; reference 1 (default: "
+                             "%(default)s)")
+    parser.add_argument("--dc-dropout", type=float, default=0.0,
+                        help="dropout on the classifier's input latent; reference 0 (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="sampling temperature of the final translations (default: %(default)s)")
+    parser.add_argument("--dc-lambda", type=float, default=0.2,
+                        help="weight of domain confusion (reference 1e-2; the lesson page has a sweep) "
+                             "(default: %(default)s)")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                        help="pitch augmentation of the encoder's input (default: %(default)s)")
+    parser.add_argument("--input-noise", type=float, default=0.05,
+                        help="Gaussian noise (sd) on the decoder's teacher-forced input, so that it must "
+                             "read the latent (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=1200, help="training steps (default: %(default)s)")
-    parser.add_argument("--time-limit", type=float, default=0, help="stop training after this many seconds, 0 for none (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=12, help="segments per step, all domains in each (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate, both parts; reference 1e-3 (default: %(default)s)")
-    parser.add_argument("--lr-decay", type=float, default=0.995, help="autoencoder rate times this every 1,000 steps, as the reference (default: %(default)s)")
-    parser.add_argument("--eval-seconds", type=float, default=2.0, help="builtin: seconds of each held-out clip translated at the end (default: %(default)s)")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision; auto: bf16 on GPUs from Ampere on, fp16 with a GradScaler on older GPUs (a T4), fp32 on CPUs (where bf16 made a step slower) and MPS (default: %(default)s)")
-    parser.add_argument("--log-every", type=int, default=100, help="steps between progress lines (default: %(default)s)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "umtn.pt"), help="checkpoint path (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--time-limit", type=float, default=0,
+                        help="stop training after this many seconds, 0 for none (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=12,
+                        help="segments per step, all domains in each (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=2e-3,
+                        help="Adam learning rate, both parts; reference 1e-3 (default: %(default)s)")
+    parser.add_argument("--lr-decay", type=float, default=0.995,
+                        help="autoencoder rate times this every 1,000 steps, as the reference (default: "
+                             "%(default)s)")
+    parser.add_argument("--eval-seconds", type=float, default=2.0,
+                        help="builtin: seconds of each held-out clip translated at the end (default: "
+                             "%(default)s)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                        help="mixed precision; auto: bf16 on GPUs from Ampere on, fp16 with a GradScaler on "
+                             "older GPUs (a T4), fp32 on CPUs (where bf16 made a step slower) and MPS "
+                             "(default: %(default)s)")
+    parser.add_argument("--log-every", type=int, default=100,
+                        help="steps between progress lines (default: %(default)s)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "umtn.pt"),
+                        help="checkpoint path (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    parser.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
-    parser.add_argument("--dry-run", action="store_true", help="two steps, a short evaluation, a checkpoint: checks that every line runs, in seconds")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic GPU kernels, so a GPU run repeats exactly (slower)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="two steps, a short evaluation, a checkpoint: checks that every line runs, in "
+                             "seconds")
     parser.error = lambda message: fail(f"{message} (see --help)")  # one line, not argparse's usage block
     args = parser.parse_args()
     if args.dry_run:  # pytorch/examples' --dry-run: the whole script once, on the least data
@@ -827,7 +919,8 @@ def main():
     say("settings:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
     seed_everything(args.seed, args.deterministic)  # the same data and initial weights in every process
     if device.type == "cuda" and not args.deterministic:
-        torch.backends.cudnn.benchmark = True  # fixed shapes: time cuDNN's convolution algorithms once, keep the fastest
+        # fixed shapes: time cuDNN's convolution algorithms once, keep the fastest
+        torch.backends.cudnn.benchmark = True
 
     # ---- data
     train, test = {}, {}
@@ -844,20 +937,25 @@ def main():
             test[d], train[d] = [clips[i] for i in order[:n_test]], [clips[i] for i in order[n_test:]]
     domains = list(train)
     if args.batch_size < len(domains):
-        fail(f"--batch-size {args.batch_size} is smaller than the {len(domains)} domains: every batch needs one segment of each")
+        fail(f"--batch-size {args.batch_size} is smaller than the {len(domains)} domains: every batch needs "
+             "one segment of each")
     for d in domains:
         if min(len(c) for c in train[d]) < args.segment + 1:
             train[d] = [c for c in train[d] if len(c) > args.segment]
             if not train[d]:
                 fail(f"domain {d}: every training clip is shorter than --segment {args.segment} samples")
-    say(f"data: {', '.join(f'{d} {len(train[d])} train / {len(test[d])} test clips' for d in domains)}; {args.rate} Hz")
+    say(f"data: {', '.join(f'{d} {len(train[d])} train / {len(test[d])} test clips' for d in domains)}; "
+        f"{args.rate} Hz")
 
     # ---- model
-    model_args = dict(domains=domains, enc_channels=args.enc_channels, enc_blocks=args.enc_blocks, enc_layers=args.enc_layers,
-                      latent=args.latent, pool=args.pool, dec_channels=args.dec_channels, skip_channels=args.skip_channels,
+    model_args = dict(domains=domains, enc_channels=args.enc_channels, enc_blocks=args.enc_blocks,
+                      enc_layers=args.enc_layers,
+                      latent=args.latent, pool=args.pool, dec_channels=args.dec_channels,
+                      skip_channels=args.skip_channels,
                       dec_blocks=args.dec_blocks, dec_layers=args.dec_layers)
     model = UMTN(**model_args).to(device)
-    classifier = DomainClassifier(args.latent, args.dc_channels, len(domains), args.dc_kernel, args.dc_dropout).to(device)
+    classifier = DomainClassifier(args.latent, args.dc_channels, len(domains), args.dc_kernel,
+                                  args.dc_dropout).to(device)
     ae, dc = model, classifier
     if distributed:  # gradients are averaged across processes inside backward()
         ae, dc = DDP(model), DDP(classifier)
@@ -869,27 +967,35 @@ def main():
     data = SegmentPool({d: train[d] for d in domains}, segment, device)
     amp_dtype, needs_scaler = precision_for(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see common.choose_precision
-    say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({len(domains)} decoders, receptive field "
-        f"{model.decoders[0].receptive_field()} samples), domain classifier {sum(p.numel() for p in classifier.parameters()):,}; on {device}"
+    say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({len(domains)} decoders, "
+        "receptive field "
+        f"{model.decoders[0].receptive_field()} samples), domain classifier "
+        f"{sum(p.numel() for p in classifier.parameters()):,}; on {device}"
         + (f", {world} processes" if world > 1 else "")
-        + f"; autocast {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}{' +GradScaler' if needs_scaler else ''}")
+        + f"; autocast {precision_name(amp_dtype, needs_scaler)}")
 
     # ---- training: alternate the classifier's step and the autoencoder's step (Mor et al. eq. 1-2)
-    g = torch.Generator().manual_seed(args.seed + 1000 * rank)  # on the host: which clips, where, how much pitch shift
-    g_dev = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank)  # on the device: the input noise
-    domain_of = torch.arange(args.batch_size) % len(domains)  # every domain in every batch, so every decoder trains
+    # on the host: which clips, where, how much pitch shift
+    g = torch.Generator().manual_seed(args.seed + 1000 * rank)
+    # on the device: the input noise
+    g_dev = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank)
+    # every domain in every batch, so every decoder trains
+    domain_of = torch.arange(args.batch_size) % len(domains)
     out, t_start = Path(args.out), time.time()
-    log_rec, log_dc, log_n = torch.zeros((), device=device), torch.zeros((), device=device), 0  # summed on the device
+    # summed on the device
+    log_rec, log_dc, log_n = torch.zeros((), device=device), torch.zeros((), device=device), 0
     for step in range(1, args.steps + 1):
         clean = data.batch(domain_of, g)  # (B, segment + 1): one random segment per item
         codes = mu_law_encode(clean)
         prev, target = codes[:, :-1], codes[:, 1:]  # predict each sample from the ones before it
-        if args.input_noise:  # a noisy past: the decoder cannot just continue the waveform, it must read the latent
+        # a noisy past: the decoder cannot just continue the waveform, it must read the latent
+        if args.input_noise:
             noise = torch.randn(prev.shape, generator=g_dev, device=device)
             prev = mu_law_encode((clean[:, :-1] + args.input_noise * noise).clamp(-1, 1))
         audio_in = augment(clean[:, :-1], g) if args.augment else clean[:, :-1]
 
-        rec, confusion = train_step(ae, dc, opt, opt_dc, scaler, audio_in, prev, target, domain_of, args.dc_lambda, amp_dtype)
+        rec, confusion = train_step(ae, dc, opt, opt_dc, scaler, audio_in, prev, target, domain_of,
+                                    args.dc_lambda, amp_dtype)
         sched.step()
 
         if step == 1:
@@ -900,11 +1006,16 @@ def main():
         if step % args.log_every == 0 or last:
             synchronize(device)  # the GPU's queued steps are done before the clock is read
             elapsed = time.time() - t_start
-            final_bits = log_rec.item() / log_n / math.log(2)  # reported at the end: the last window's mean, steadier than one step
-            total = min(args.steps, args.steps if not args.time_limit else int(step * args.time_limit / elapsed))
-            say(f"step {step}/{args.steps} | loss {final_bits:.3f} bits/sample | domain loss {log_dc.item() / log_n:.3f} "
-                f"(chance {math.log(len(domains)):.3f}) | {step * args.batch_size * segment * world / elapsed:,.0f} samples/s | "
-                f"{1000 * elapsed / step:.0f} ms/step | elapsed {elapsed:.0f}s | eta {max(0, (total - step)) * elapsed / step:.0f}s")
+            # reported at the end: the last window's mean, steadier than one step
+            final_bits = log_rec.item() / log_n / math.log(2)
+            total = min(args.steps,
+                        args.steps if not args.time_limit else int(step * args.time_limit / elapsed))
+            say(f"step {step}/{args.steps} | loss {final_bits:.3f} bits/sample | domain loss "
+                f"{log_dc.item() / log_n:.3f} "
+                f"(chance {math.log(len(domains)):.3f}) | "
+                f"{step * args.batch_size * segment * world / elapsed:,.0f} samples/s | "
+                f"{1000 * elapsed / step:.0f} ms/step | elapsed {elapsed:.0f}s | eta "
+                f"{max(0, (total - step)) * elapsed / step:.0f}s")
             log_rec, log_dc, log_n = torch.zeros((), device=device), torch.zeros((), device=device), 0
         if last:
             break
@@ -912,32 +1023,43 @@ def main():
     train_time = time.time() - t_start
     timbre = None
     if rank == 0 and args.data == "builtin":  # a judge of timbre for the evaluation and for sample.py
-        timbre = TimbreClassifier.fit({d: clips[:24] for d, clips in train.items()}, train_scores[:24], args.rate)
+        timbre = TimbreClassifier.fit({d: clips[:24] for d, clips in train.items()}, train_scores[:24],
+                                      args.rate)
     if rank == 0:
         save_checkpoint({"kind": "umtn", "model": model.state_dict(), "classifier": classifier.state_dict(),
-                         "optimizer": opt.state_dict(), "model_args": model_args, "domains": domains, "rate": args.rate,
+                         "optimizer": opt.state_dict(), "model_args": model_args, "domains": domains,
+                         "rate": args.rate,
                          "timbre_centres": torch.tensor(timbre.centres) if timbre else None,
                          "step": step, "config": vars(args)}, out)
         say(f"saved {out}")
 
     # ---- how good is the translation? (builtin: the true rendering of every held-out melody is known)
-    result = f"result: bits_per_sample={final_bits:.3f} first_bits={first_bits:.3f} domain_loss={confusion.item():.3f} " \
-             f"chance_domain_loss={math.log(len(domains)):.3f} samples_per_s={step * args.batch_size * segment * world / train_time:.0f} " \
-             f"train_seconds={train_time:.1f} world={world}"
+    samples_per_s = step * args.batch_size * segment * world / train_time
+    result = (f"result: bits_per_sample={final_bits:.3f} first_bits={first_bits:.3f} "
+              f"domain_loss={confusion.item():.3f} chance_domain_loss={math.log(len(domains)):.3f} "
+              f"samples_per_s={samples_per_s:.0f} train_seconds={train_time:.1f} world={world}")
     if rank == 0 and args.data == "builtin" and args.eval_seconds > 0:
         t0 = time.time()
-        rows, who, _ = translation_report(model, test, test_scores, args.rate, device, args.eval_seconds, timbre, args.temperature)
+        rows, who, _ = translation_report(model, test, test_scores, args.rate, device, args.eval_seconds,
+                                          timbre, args.temperature)
         n = int(args.eval_seconds * args.rate)
-        clean = np.mean([timbre(c[:n], written_pitch(notes, n, args.rate)) == d for d, clips in test.items() for c, notes in zip(clips, test_scores)])
-        say(f"translation of {len(test_scores)} held-out melodies, {args.eval_seconds:.1f} s each, from every domain into every "
-            f"other ({len(who['translation'])} clips), in {time.time() - t0:.1f}s; 95% intervals over melodies:")
-        say(f"  timbre classifier (partial levels at the written pitch): right on {100 * clean:.1f}% of the true renderings, "
+        clean = np.mean([timbre(c[:n], written_pitch(notes, n, args.rate)) == d
+                         for d, clips in test.items() for c, notes in zip(clips, test_scores)])
+        say(f"translation of {len(test_scores)} held-out melodies, {args.eval_seconds:.1f} s each, from "
+            "every domain into every "
+            f"other ({len(who['translation'])} clips), in {time.time() - t0:.1f}s; 95% intervals over "
+            "melodies:")
+        say(f"  timbre classifier (partial levels at the written pitch): right on {100 * clean:.1f}% of the "
+            "true renderings, "
             f"{100 * np.mean(rows['topline']['target']):.1f}% of the decoders' reconstructions (topline)")
         print_report(rows, who, domains, say)
-        for kind, prefix in (("translation", ""), ("topline", "topline_"), ("input", "input_"), ("silence", "silence_")):
+        for kind, prefix in (("translation", ""), ("topline", "topline_"), ("input", "input_"),
+                             ("silence", "silence_")):
             r = rows[kind]
-            result += (f" {prefix}pitch_acc={100 * np.mean(r['pitch']):.1f} {prefix}timbre_acc={100 * np.mean(r['target']):.1f}"
-                       f" {prefix}mel_dist={np.mean(r['mel']):.2f} {prefix}joint={100 * np.mean(r['joint']):.1f}")
+            result += (f" {prefix}pitch_acc={100 * np.mean(r['pitch']):.1f} "
+                       f"{prefix}timbre_acc={100 * np.mean(r['target']):.1f}"
+                       f" {prefix}mel_dist={np.mean(r['mel']):.2f} "
+                       f"{prefix}joint={100 * np.mean(r['joint']):.1f}")
         result += f" classifier_clean={100 * clean:.1f}"
     say(result)
     if distributed:
