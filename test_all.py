@@ -946,7 +946,7 @@ def test_umtn_pitch_augmentation_resamples_like_interpolate():
     import torch
     import torch.nn.functional as F
     um = import_script("umtn/train.py")
-    audio = torch.randn(8, 1000)
+    audio = torch.randn(8, 1000, generator=torch.Generator().manual_seed(0))
     out = um.augment(audio, torch.Generator().manual_seed(3))
     u = torch.rand(8, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)  # the same draws
     n = (1000 * (0.25 + 0.25 * u[:, 0])).long()
@@ -957,7 +957,8 @@ def test_umtn_pitch_augmentation_resamples_like_interpolate():
         expected = audio[i].clone()
         expected[a:a + k] = F.interpolate(audio[i, a:a + m].view(1, 1, -1), size=k, mode="linear",
                                           align_corners=False).view(-1)
-        assert torch.allclose(out[i], expected, atol=1e-5), i
+        # F.interpolate places its samples in float32, ours in float64: they differ by rounding
+        assert torch.allclose(out[i], expected, atol=2e-4), (i, (out[i] - expected).abs().max())
         assert m != k or torch.equal(out[i], audio[i])  # a shift is a change, unless it rounds to none
     assert not torch.equal(out, audio)
 
