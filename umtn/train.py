@@ -767,13 +767,14 @@ def print_report(rows, who, domains, say):
                 f"({100 * mean('topline', 'target', top):5.1f}%)  log-mel "
                 f"{mean('translation', 'mel', pick):5.2f} dB "
                 f"({mean('topline', 'mel', top):5.2f})")
-    # A decoder whose notes are all a constant ratio off keeps a steady median; one that drifts, or
-    # follows the code only loosely, scatters.
-    offset = lambda kind, t: np.nanmedian([c for c, (_, b, _) in zip(rows[kind]["cents"], who[kind])
-                                           if b == t])
+    # A decoder that plays every note a constant ratio off shows it here as a steady offset, which
+    # pitch accuracy alone does not tell apart from wandering; "unvoiced" where no clip had a pitch.
+    def offset(kind, t):
+        c = [c for c, (_, b, _) in zip(rows[kind]["cents"], who[kind]) if b == t and np.isfinite(c)]
+        return f"{np.median(c):+.0f}" if c else "unvoiced"
     say("  median pitch error into each target (cents, + is sharp): translation "
-        + ", ".join(f"{d} {offset('translation', t):+.0f}" for t, d in enumerate(domains))
-        + "; topline " + ", ".join(f"{d} {offset('topline', t):+.0f}" for t, d in enumerate(domains)))
+        + ", ".join(f"{d} {offset('translation', t)}" for t, d in enumerate(domains))
+        + "; topline " + ", ".join(f"{d} {offset('topline', t)}" for t, d in enumerate(domains)))
 
 
 # ----------------------------------------------------------------------------- built-in instruments
