@@ -1014,6 +1014,34 @@ def test_umtn_translation_metrics_rank_known_cases():
     assert mid == 0.5 and 0 < lo <= 0.5 <= hi < 1
 
 
+def test_umtn_latent_probes_read_what_a_known_code_holds():
+    # The probes of the frozen code, on codes whose content is known: a code that carries the
+    # domain (one-hot plus noise) is named by the probe with context, pure noise only at chance; a
+    # code that carries the note is read by the linear probe, and noise is not.
+    import torch
+    um = import_script("umtn/train.py")
+    g = torch.Generator().manual_seed(0)
+    N, L, F, train = 60, 16, 50, 40  # clips, code channels, frames; the first 40 clips train the probes
+    domain = (torch.arange(N) % 3)[:, None].expand(N, F)
+    note = torch.randint(1, 12, (N, F), generator=g)
+    note[:, :4] = -1  # frames outside notes are not scored
+
+    def code(content):
+        z = torch.randn(N, L, F, generator=g)
+        if content is not None:
+            # 5 standard deviations: the right channel stands out from the other eleven in 99.8% of frames
+            z[:, :12] += 5 * torch.nn.functional.one_hot(content.clamp(min=0), 12).permute(0, 2, 1)
+        return z
+
+    def probe(z, y, context):
+        return um.probe_accuracy(z[:train], y[:train], z[train:], y[train:], context)
+
+    assert probe(code(domain), domain, True) > 0.95
+    assert 0.15 < probe(code(None), domain, True) < 0.55  # chance: one in three
+    assert probe(code(note), note, False) > 0.95
+    assert probe(code(None), note, False) < 0.2  # chance: one in eleven
+
+
 def test_umtn_decoder_is_causal_and_fast_generation_equals_naive():
     import torch
     um = import_script("umtn/train.py")
@@ -1047,6 +1075,7 @@ def test_umtn_training_learns():
     assert len(losses) == 10 and losses[-1] < losses[0] - 1.5, losses
     assert "log-mel dist" in out and "baseline: code of silence" in out and "topline" in out
     assert r["input_pitch_acc"] > 95 and r["classifier_clean"] > 95 and r["silence_pitch_acc"] < 10, r
+    assert "latent probes" in out and all(0 <= r[f"probe_{k}"] <= 100 for k in ("domain", "note_linear")), r
 
 
 def test_umtn_domain_confusion_hides_the_domain():

@@ -740,6 +740,70 @@ def translation_report(model, test, scores, rate, device, seconds, timbre, tempe
     return rows, who, {k: outputs[("translation", k)] for k in range(len(jobs["translation"]))}
 
 
+def latent_codes(model, clips, scores, rate, device, skip=0.02):
+    """The codes of clips (a list of (T,) arrays, cut to the shortest whole number of frames) and the
+    written note of each latent frame: (N, L, F) and (N, F) on the host, the note 0 where the frame
+    is not wholly inside a note or lies within `skip` seconds of its onset."""
+    pool = model.encoder.pool
+    n = min(len(c) for c in clips) // pool * pool
+    with torch.inference_mode():
+        z = torch.cat([model.encoder(torch.from_numpy(np.stack([c[:n] for c in clips[i:i + 24]])).to(device))
+                       .float().cpu() for i in range(0, len(clips), 24)])
+    notes = np.zeros((len(clips), n // pool), np.int64)
+    for row, score in zip(notes, scores):
+        for start, length, pitch in score:
+            row[-(-(start + int(skip * rate)) // pool):min(start + length, n) // pool] = pitch
+    return z, torch.from_numpy(notes)
+
+
+def probe_accuracy(z_train, y_train, z_test, y_test, context, steps=300, seed=0):
+    """Train a fresh probe on frozen codes and return its accuracy on held-out frames. z (N, L, F),
+    y (N, F) a class per frame, -1 where there is none. context=True: three convolutions that see 21
+    frames (a judge of how a note evolves, which the 1x1 domain classifier of training cannot be);
+    False: a linear layer on one frame, a linear probe."""
+    torch.manual_seed(seed)
+    L, classes = z_train.shape[1], int(max(y_train.max(), y_test.max())) + 1
+    probe = (nn.Sequential(nn.Conv1d(L, 32, 5, padding=2), nn.ReLU(),
+                           nn.Conv1d(32, 32, 5, padding=8, dilation=4), nn.ReLU(), nn.Conv1d(32, classes, 1))
+             if context else nn.Conv1d(L, classes, 1))
+    mean, std = z_train.mean((0, 2), keepdim=True), z_train.std((0, 2), keepdim=True) + 1e-6
+    opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(len(z_train), (32,), generator=g)
+        loss = F.cross_entropy(probe((z_train[idx] - mean) / std), y_train[idx], ignore_index=-1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.inference_mode():
+        guess = probe((z_test - mean) / std).argmax(1)
+    keep = y_test >= 0
+    return float((guess[keep] == y_test[keep]).float().mean())
+
+
+def latent_probe(model, train, train_scores, test, test_scores, rate, device, seconds, steps=300):
+    """Probes of the frozen code: what a fresh judge reads from it, trained on the codes of 24
+    training melodies and scored on the held-out ones, over frames inside written notes. Domain
+    confusion should leave the instrument unreadable (chance is 1 / domains) and the note readable.
+    Returns {probe: accuracy} for the instrument and the note, each from one frame (a linear
+    probe) and from 21 frames, and the commonest note's share (what guessing it would score)."""
+    n = int(seconds * rate)
+    sets = []
+    for clips_by_domain, scores in ((train, train_scores[:24]), (test, test_scores)):
+        clips = [c[:n] for clips in clips_by_domain.values() for c in clips[:len(scores)]]
+        z, notes = latent_codes(model, clips, list(scores) * len(clips_by_domain), rate, device)
+        domain = torch.arange(len(clips_by_domain)).repeat_interleave(len(scores))[:, None].expand_as(notes)
+        sets.append((z, torch.where(notes > 0, domain, -1), torch.where(notes > 0, notes, -1)))
+    (z_tr, d_tr, p_tr), (z_te, d_te, p_te) = sets
+    if not ((p_tr >= 0).any() and (p_te >= 0).any()):  # clips too short to hold a whole note frame
+        return dict.fromkeys(("domain_frame", "domain", "note_linear", "note", "common_note"), math.nan)
+    return {"domain_frame": probe_accuracy(z_tr, d_tr, z_te, d_te, context=False, steps=steps),
+            "domain": probe_accuracy(z_tr, d_tr, z_te, d_te, context=True, steps=steps),
+            "note_linear": probe_accuracy(z_tr, p_tr, z_te, p_te, context=False, steps=steps),
+            "note": probe_accuracy(z_tr, p_tr, z_te, p_te, context=True, steps=steps),
+            "common_note": float(np.bincount(p_te[p_te >= 0].numpy()).max() / (p_te >= 0).sum())}
+
+
 def print_report(rows, who, domains, say):
     """The scoreboard: each kind of output with 95% intervals, then translation per ordered pair."""
     fmt = lambda v, pct: (f"{100 * v[0]:5.1f}% [{100 * v[1]:.0f}-{100 * v[2]:.0f}]" if pct
@@ -1085,6 +1149,16 @@ def main():
                        f" {prefix}mel_dist={np.mean(r['mel']):.2f} "
                        f"{prefix}joint={100 * np.mean(r['joint']):.1f}")
         result += f" classifier_clean={100 * clean:.1f}"
+        t0 = time.time()
+        probe = latent_probe(model, train, train_scores, test, test_scores, args.rate, device,
+                             args.eval_seconds, steps=20 if args.dry_run else 300)  # a dry run takes seconds
+        pct = {k: f"{100 * v:.1f}%" for k, v in probe.items()}
+        say(f"latent probes (fresh judges trained on the frozen code of training melodies, scored on "
+            f"held-out frames inside notes, {time.time() - t0:.1f}s): the instrument named in "
+            f"{pct['domain_frame']} from one frame, {pct['domain']} from 21 frames (chance "
+            f"{100 / len(domains):.1f}%); the written note in {pct['note_linear']} by a linear probe, "
+            f"{pct['note']} from 21 frames (the commonest note {pct['common_note']})")
+        result += "".join(f" probe_{k}={100 * v:.1f}" for k, v in probe.items())
     say(result)
     if distributed:
         dist.destroy_process_group()
