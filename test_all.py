@@ -1161,6 +1161,7 @@ def test_umtn_bad_inputs():
                       (3000 * np.sin(np.arange(4000) * 0.2 * (i + 1))).astype(np.int16))
     fails_with("umtn/train.py", "--data", one, message=r"has 1 usable domain\(s\): need at least 2")
     fails_with("umtn/train.py", "--data", TMP / "no_such_folder", message=r"is not a folder")
+    fails_with("umtn/train.py", "--anneal", 1, message=r"--anneal 1.0 is a fraction of training")
 
 
 def test_umtn_reads_a_folder_of_domains():

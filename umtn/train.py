@@ -971,6 +971,9 @@ def main():
     parser.add_argument("--lr-decay", type=float, default=0.995,
                         help="autoencoder rate times this every 1,000 steps, as the reference (default: "
                              "%(default)s)")
+    parser.add_argument("--anneal", type=float, default=1 / 6,
+                        help="the last fraction of training runs at a tenth of the autoencoder's rate; 0: "
+                             "never (default: %(default).3g)")
     parser.add_argument("--eval-seconds", type=float, default=2.0,
                         help="builtin: seconds of each held-out clip translated at the end (default: "
                              "%(default)s)")
@@ -992,6 +995,8 @@ def main():
                              "seconds")
     parser.error = lambda message: fail(f"{message} (see --help)")  # one line, not argparse's usage block
     args = parser.parse_args()
+    if not 0 <= args.anneal < 1:
+        fail(f"--anneal {args.anneal} is a fraction of training: from 0 (never) to below 1")
     if args.dry_run:  # pytorch/examples' --dry-run: the whole script once, on the least data
         args.steps, args.melodies, args.eval_melodies, args.eval_seconds, args.log_every = 2, 6, 2, 0.25, 1
 
@@ -1050,7 +1055,6 @@ def main():
     fused = device.type in ("cpu", "cuda")  # one kernel updates every tensor
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=fused)
     opt_dc = torch.optim.Adam(classifier.parameters(), lr=args.lr, fused=fused)
-    sched = torch.optim.lr_scheduler.StepLR(opt, 1000, args.lr_decay)
     segment = args.segment - args.segment % args.pool  # whole latent frames
     data = SegmentPool({d: train[d] for d in domains}, segment, device)
     amp_dtype, needs_scaler = precision_for(device, args.amp)
@@ -1082,9 +1086,16 @@ def main():
             prev = mu_law_encode((clean[:, :-1] + args.input_noise * noise).clamp(-1, 1))
         audio_in = augment(clean[:, :-1], g) if args.augment else clean[:, :-1]
 
+        # the autoencoder's rate: the reference's slow decay, and ten times lower for the last --anneal
+        # of training (by steps or by the clock, whichever is further), where the decoders settle on
+        # following the code
+        progress = max((step - 1) / args.steps,
+                       (time.time() - t_start) / args.time_limit if args.time_limit else 0)
+        for group in opt.param_groups:
+            group["lr"] = (args.lr * args.lr_decay ** ((step - 1) // 1000)
+                           * (0.1 if progress >= 1 - args.anneal else 1))
         rec, confusion = train_step(ae, dc, opt, opt_dc, scaler, audio_in, prev, target, domain_of,
                                     args.dc_lambda, amp_dtype)
-        sched.step()
 
         if step == 1:
             first_rec = rec
