@@ -972,8 +972,8 @@ def main():
                         help="autoencoder rate times this every 1,000 steps, as the reference (default: "
                              "%(default)s)")
     parser.add_argument("--anneal", type=float, default=1 / 6,
-                        help="the last fraction of training runs at a tenth of the autoencoder's rate; 0: "
-                             "never (default: %(default).3g)")
+                        help="the last fraction of training, at a tenth of the autoencoder's rate; reference "
+                             "0, never (default: %(default).3g)")
     parser.add_argument("--eval-seconds", type=float, default=2.0,
                         help="builtin: seconds of each held-out clip translated at the end (default: "
                              "%(default)s)")
