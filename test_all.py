@@ -47,6 +47,14 @@ def fails_with(script, *args, message, stdin=None):
     return lines[0]
 
 
+def all_fail_with(*cases):
+    """Several independent mistakes, each (script, *args, message), two processes at a time: each
+    start of Python and torch is mostly one core's work."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:  # list() re-raises the first failed case's AssertionError
+        list(pool.map(lambda case: fails_with(*case[:-1], message=case[-1]), cases))
+
+
 def result(stdout):
     """The `result: key=value ...` summary line as a dict (numbers as floats)."""
     line = [l for l in stdout.splitlines() if l.startswith("result:")][-1]
@@ -829,23 +837,21 @@ def test_tonenet_bad_inputs():
     silent = TMP / "silent.mid"
     import mido
     mido.MidiFile(tracks=[mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=500000)])]).save(silent)
-    fails_with("tonenet/sample.py", text, "--checkpoint", ckpt,
-               message=r"text.mid is not a readable MIDI file")
-    fails_with("tonenet/sample.py", truncated, "--checkpoint", ckpt,
-               message=r"truncated.mid is not a readable MIDI file")
-    fails_with("tonenet/sample.py", silent, "--checkpoint", ckpt, message=r"silent.mid has no piano notes")
-    fails_with("tonenet/sample.py", good, "--style", "jazz", "--checkpoint", ckpt,
-               message=r"unknown style 'jazz'.*lyrical, groove")
-    before = good.read_bytes()
-    fails_with("tonenet/sample.py", good, "--style", "groove", "--out", good, "--checkpoint", ckpt,
-               message=r"is the input file")
-    assert good.read_bytes() == before
-    fails_with("tonenet/sample.py", TMP / "nowhere.mid", "--checkpoint", ckpt, message=r"no such file")
-    fails_with("tonenet/sample.py", good, "--checkpoint", TMP / "none.pt",
-               message=r"run python tonenet/train.py first")
     blitz_ckpt, _ = blitz_checkpoint()
-    fails_with("tonenet/sample.py", good, "--checkpoint", blitz_ckpt, message=r"not a tonenet checkpoint")
-    fails_with("tonenet/train.py", "--data", TMP / "no_such_folder", message=r"is not a folder")
+    before = good.read_bytes()
+    all_fail_with(
+        ("tonenet/sample.py", text, "--checkpoint", ckpt, r"text.mid is not a readable MIDI file"),
+        ("tonenet/sample.py", truncated, "--checkpoint", ckpt, r"truncated.mid is not a readable MIDI file"),
+        ("tonenet/sample.py", silent, "--checkpoint", ckpt, r"silent.mid has no piano notes"),
+        ("tonenet/sample.py", good, "--style", "jazz", "--checkpoint", ckpt,
+         r"unknown style 'jazz'.*lyrical, groove"),
+        ("tonenet/sample.py", good, "--style", "groove", "--out", good, "--checkpoint", ckpt,
+         r"is the input file"),
+        ("tonenet/sample.py", TMP / "nowhere.mid", "--checkpoint", ckpt, r"no such file"),
+        ("tonenet/sample.py", good, "--checkpoint", TMP / "none.pt", r"run python tonenet/train.py first"),
+        ("tonenet/sample.py", good, "--checkpoint", blitz_ckpt, r"not a tonenet checkpoint"),
+        ("tonenet/train.py", "--data", TMP / "no_such_folder", r"is not a folder"))
+    assert good.read_bytes() == before
     empty = TMP / "midi_empty"
     empty.mkdir(exist_ok=True)
     fails_with("tonenet/train.py", "--data", empty, message=r"has no style sub-folders")
@@ -1138,30 +1144,28 @@ def test_umtn_bad_inputs():
     wavfile.write(good, 8000, (3000 * np.sin(np.arange(4000) * 0.3)).astype(np.int16))
     truncated = TMP / "truncated.wav"
     truncated.write_bytes(good.read_bytes()[:30])
-    fails_with("umtn/sample.py", text, "--checkpoint", ckpt, message=r"text.wav is not a readable WAV file")
-    fails_with("umtn/sample.py", truncated, "--checkpoint", ckpt,
-               message=r"truncated.wav is not a readable WAV file")
-    fails_with("umtn/sample.py", empty, "--checkpoint", ckpt, message=r"empty.wav is empty")
-    fails_with("umtn/sample.py", silent, "--checkpoint", ckpt, message=r"silent.wav is silent")
-    fails_with("umtn/sample.py", good, "--to", "banjo", "--checkpoint", ckpt,
-               message=r"unknown domain 'banjo'.*pluck, organ, reed")
-    before = good.read_bytes()
-    fails_with("umtn/sample.py", good, "--to", "organ", "--out", good, "--checkpoint", ckpt,
-               message=r"is the input file")
-    assert good.read_bytes() == before
-    fails_with("umtn/sample.py", TMP / "nowhere.wav", "--checkpoint", ckpt, message=r"no such file")
-    fails_with("umtn/sample.py", good, "--checkpoint", TMP / "none.pt",
-               message=r"run python umtn/train.py first")
     tonenet_ckpt, _ = tonenet_checkpoint()
-    fails_with("umtn/sample.py", good, "--checkpoint", tonenet_ckpt, message=r"not a umtn checkpoint")
+    before = good.read_bytes()
+    all_fail_with(
+        ("umtn/sample.py", text, "--checkpoint", ckpt, r"text.wav is not a readable WAV file"),
+        ("umtn/sample.py", truncated, "--checkpoint", ckpt, r"truncated.wav is not a readable WAV file"),
+        ("umtn/sample.py", empty, "--checkpoint", ckpt, r"empty.wav is empty"),
+        ("umtn/sample.py", silent, "--checkpoint", ckpt, r"silent.wav is silent"),
+        ("umtn/sample.py", good, "--to", "banjo", "--checkpoint", ckpt,
+         r"unknown domain 'banjo'.*pluck, organ, reed"),
+        ("umtn/sample.py", good, "--to", "organ", "--out", good, "--checkpoint", ckpt, r"is the input file"),
+        ("umtn/sample.py", TMP / "nowhere.wav", "--checkpoint", ckpt, r"no such file"),
+        ("umtn/sample.py", good, "--checkpoint", TMP / "none.pt", r"run python umtn/train.py first"),
+        ("umtn/sample.py", good, "--checkpoint", tonenet_ckpt, r"not a umtn checkpoint"),
+        ("umtn/train.py", "--data", TMP / "no_such_folder", r"is not a folder"),
+        ("umtn/train.py", "--anneal", 1, r"--anneal 1.0 is a fraction of training"))
+    assert good.read_bytes() == before
     one = TMP / "one_domain"
     (one / "violin").mkdir(parents=True, exist_ok=True)
     for i in range(3):
         wavfile.write(one / "violin" / f"{i}.wav", 8000,
                       (3000 * np.sin(np.arange(4000) * 0.2 * (i + 1))).astype(np.int16))
     fails_with("umtn/train.py", "--data", one, message=r"has 1 usable domain\(s\): need at least 2")
-    fails_with("umtn/train.py", "--data", TMP / "no_such_folder", message=r"is not a folder")
-    fails_with("umtn/train.py", "--anneal", 1, message=r"--anneal 1.0 is a fraction of training")
 
 
 def test_umtn_reads_a_folder_of_domains():
