@@ -57,11 +57,12 @@ def fail(message):
 
 class Encoder(nn.Module):
     """Non-causal dilated residual convolutions (kernel 3, dilation 2^i, ReLU, 1x1), a 1x1 down to
-    the latent channels, average-pooled in time (Mor et al. sec. 3.1; the reference's encoder)."""
+    the latent channels, average-pooled in time (Mor et al. sec. 3.1; the reference's encoder);
+    with level_norm, what it reads is first divided by its own loudness."""
 
-    def __init__(self, channels, blocks, layers, latent, pool):
+    def __init__(self, channels, blocks, layers, latent, pool, level_norm=False):
         super().__init__()
-        self.pool = pool
+        self.pool, self.level_norm = pool, level_norm
         self.inp = nn.Conv1d(1, channels, 3, padding=1)
         self.dilated = nn.ModuleList(nn.Conv1d(channels, channels, 3, dilation=2 ** i, padding=2 ** i)
                                      for _ in range(blocks) for i in range(layers))
@@ -69,7 +70,14 @@ class Encoder(nn.Module):
         self.out = nn.Conv1d(channels, latent, 1)
 
     def forward(self, audio):  # (B, T) in [-1, 1]
-        x = self.inp(audio.unsqueeze(1))  # (B, C, T)
+        x = audio.unsqueeze(1)  # (B, 1, T)
+        if self.level_norm:  # the input divided by its loudness over four latent frames (32 ms at the
+            # defaults): how a note swells or dies away, by which the instrument could be told, is then
+            # not in what the encoder sees; 1e-3 (60 dB down) keeps silence silent
+            window = 4 * self.pool - 1
+            rms = F.avg_pool1d(x * x, window, stride=1, padding=window // 2, count_include_pad=False).sqrt()
+            x = 0.3 * x / (rms + 1e-3)  # (B, 1, T), about 0.3 RMS wherever something plays
+        x = self.inp(x)  # (B, C, T)
         for dilated, mix in zip(self.dilated, self.mix):
             x = x + mix(F.relu(dilated(F.relu(x))))
         return F.avg_pool1d(self.out(x), self.pool)  # (B, L, T / pool)
@@ -153,9 +161,9 @@ class UMTN(nn.Module):
     (it has its own optimizer and objective)."""
 
     def __init__(self, domains, enc_channels=32, enc_blocks=2, enc_layers=8, latent=16, pool=32,
-                 dec_channels=32, skip_channels=32, dec_blocks=2, dec_layers=6):
+                 dec_channels=32, skip_channels=32, dec_blocks=2, dec_layers=6, level_norm=False):
         super().__init__()
-        self.encoder = Encoder(enc_channels, enc_blocks, enc_layers, latent, pool)
+        self.encoder = Encoder(enc_channels, enc_blocks, enc_layers, latent, pool, level_norm)
         decoder = lambda: WaveNet(dec_channels, skip_channels, dec_blocks, dec_layers, latent, pool)
         self.decoders = nn.ModuleList(decoder() for _ in domains)  # one per instrument
 
@@ -946,7 +954,7 @@ def main():
     parser.add_argument("--dec-layers", type=int, default=6, help="reference 14 (default: %(default)s)")
     parser.add_argument("--dc-channels", type=int, default=64,
                         help="domain classifier width; reference 100 (default: %(default)s)")
-    parser.add_argument("--dc-kernel", type=int, default=1,
+    parser.add_argument("--dc-kernel", type=int, default=3,
                         help="domain classifier's kernel over latent frames; reference 1 (default: "
                              "%(default)s)")
     parser.add_argument("--dc-dropout", type=float, default=0.0,
@@ -958,6 +966,8 @@ def main():
                              "(default: %(default)s)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="pitch augmentation of the encoder's input (default: %(default)s)")
+    parser.add_argument("--level-norm", action=argparse.BooleanOptionalAction, default=True,
+                        help="the encoder reads its input divided by its loudness (default: %(default)s)")
     parser.add_argument("--input-noise", type=float, default=0.2,
                         help="Gaussian noise (sd) on the decoder's teacher-forced input, so that it must "
                              "read the latent (default: %(default)s)")
@@ -1045,7 +1055,7 @@ def main():
                       enc_layers=args.enc_layers,
                       latent=args.latent, pool=args.pool, dec_channels=args.dec_channels,
                       skip_channels=args.skip_channels,
-                      dec_blocks=args.dec_blocks, dec_layers=args.dec_layers)
+                      dec_blocks=args.dec_blocks, dec_layers=args.dec_layers, level_norm=args.level_norm)
     model = UMTN(**model_args).to(device)
     classifier = DomainClassifier(args.latent, args.dc_channels, len(domains), args.dc_kernel,
                                   args.dc_dropout).to(device)
