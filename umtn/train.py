@@ -971,7 +971,9 @@ def main():
     parser.add_argument("--input-noise", type=float, default=0.2,
                         help="Gaussian noise (sd) on the decoder's teacher-forced input, so that it must "
                              "read the latent (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=1200, help="training steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=3000,
+                        help="training steps; the decoders follow the code better with more, and so do "
+                             "translations (default: %(default)s)")
     parser.add_argument("--time-limit", type=float, default=0,
                         help="stop training after this many seconds, 0 for none (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=12,
