@@ -242,6 +242,41 @@ def test_classifier_lookahead_keeps_the_fast_weights_between_epochs():
                            next_epoch_starts), f"epoch {epoch + 1} did not start where epoch {epoch} left off"
 
 
+def test_classifier_airbench_settings_whitening_bias_trains_then_freezes():
+    # airbench's own settings as flags: GELU, whitening from more images, and a whitening bias that
+    # learns for the first epochs only. The steps of epoch 1 move the bias; later steps leave it.
+    import contextlib, io, torch
+    ct = import_script("classifier/train.py")
+    log, step = [], ct.train_step
+
+    def recording_step(model, *args, **kwargs):
+        before = model.whiten.bias.detach().clone()
+        loss = step(model, *args, **kwargs)
+        log.append(not torch.equal(before, model.whiten.bias))
+        return loss
+
+    ct.train_step = recording_step
+    ckpt = TMP / "airbench_settings.pt"
+    argv = ["train.py", "--train-size", 3000, "--val-size", 200, "--test-size", 200, "--epochs", 3,
+            "--width", 8, "--tta", 0, "--act", "gelu", "--whiten-bias-epochs", 1, "--whiten-images", 500,
+            "--out", ckpt, "--device", "cpu"]
+    old_argv, sys.argv = sys.argv, list(map(str, argv))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            ct.main()
+    finally:
+        sys.argv = old_argv
+    assert len(log) == 30 and all(log[:10]) and not any(log[10:]), log  # 10 steps an epoch
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["model_args"] == dict(name="airbench", width=8, act="gelu",
+                                       whiten_bias=True), saved["model_args"]
+    out, _ = run("classifier/sample.py", "--checkpoint", ckpt, "--n", 1, "--color", "never")
+    assert "whole test set: 200 images" in out
+    all_fail_with(("classifier/train.py", "--model", "lenet", "--act", "gelu", "--dry-run",
+                   "setting of --model airbench"),
+                  ("classifier/train.py", "--whiten-images", 0, "--dry-run", "--whiten-images 1 or more"))
+
+
 def write_fake_cifar(folder, per_file=120):
     """A tiny CIFAR-10 in the binary layout: each image is a flat colour set by its label."""
     folder.mkdir(parents=True, exist_ok=True)

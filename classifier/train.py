@@ -83,6 +83,9 @@ RECIPES = {
         lookahead=True,  # slow weights averaged every 5 x 1024 images (Zhang et al. 2019)
         tta=2,  # test-time augmentation: mirror and one-pixel shifts
         early_crop=24,  # 24x24 crops for the first 40% of training, whole 32x32 images after
+        act="relu",  # the activation (airbench: gelu, which costs more on a CPU)
+        whiten_bias_epochs=0,  # train the whitening layer's bias for this many epochs (airbench: 3)
+        whiten_images=2000,  # training images whose 2x2 patches set the whitening (airbench: 5000)
     ),
     "resnet": dict(width=16, epochs=5, batch_size=256, lr=0.2, momentum=0.9, weight_decay=5e-4, bias_lr=1,
                    label_smoothing=0.2, pad=4, flip="random", schedule="one-cycle", lookahead=False, tta=0,
@@ -173,12 +176,16 @@ class ResNet(nn.Module):
         return self.fc(x) * 0.125  # Page: scaling the logits down steadies early training
 
 
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
 class ConvGroup(nn.Module):
-    """airbench's block: conv 3x3 -> max-pool 2 -> BN -> ReLU -> conv 3x3 -> BN -> ReLU. Pooling
+    """airbench's block: conv 3x3 -> max-pool 2 -> BN -> act -> conv 3x3 -> BN -> act. Pooling
     straight after the first conv makes the norm and the activation run on a quarter of the pixels."""
 
-    def __init__(self, c_in, c_out):
+    def __init__(self, c_in, c_out, act="relu"):
         super().__init__()
+        self.act = ACTIVATIONS[act]
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.norm1 = nn.BatchNorm2d(c_out, eps=1e-12, momentum=0.4)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
@@ -190,27 +197,32 @@ class ConvGroup(nn.Module):
             nn.init.dirac_(conv.weight.data[:conv.weight.shape[1]])
 
     def forward(self, x):
-        x = F.relu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
-        return F.relu(self.norm2(self.conv2(x)))
+        x = self.act(self.norm1(F.max_pool2d(self.conv1(x), 2)))
+        return self.act(self.norm2(self.conv2(x)))
 
 
 class AirNet(nn.Module):
     """The network of Jordan's airbench (2024, "94% on CIFAR-10 in 3.29 seconds on a single GPU"),
-    with ReLU for GELU (faster on a CPU). A frozen 2x2 whitening conv,
-    then three conv groups; `width` sets the first group's channels and the next two have 2x width
-    (airbench93's 64/128/128 at width 64; airbench94 widens the last two to 4x)."""
+    with ReLU for GELU by default (faster on a CPU; `act="gelu"` is airbench's). A frozen 2x2
+    whitening conv, then three conv groups; `width` sets the first group's channels and the next
+    two have 2x width (airbench93's 64/128/128 at width 64; airbench94 widens the last two to 4x)."""
 
-    def __init__(self, width=64, n_classes=10):
+    def __init__(self, width=64, n_classes=10, act="relu", whiten_bias=False):
         super().__init__()
         # Whitening (airbench; the ZCA idea of Coates & Ng 2011): 24 fixed 2x2 filters, the
         # eigenvectors of the training images' 2x2-patch covariance scaled to unit variance, each
-        # with its negative so the ReLU after it loses nothing. Set once by `init_whitening`.
-        # Frozen for good (airbench trains its bias for 3 epochs): then no gradient has to flow into
-        # the first conv's input, which saves a backward pass over the largest activations.
-        self.whiten = nn.Conv2d(3, 24, 2, bias=False).requires_grad_(False)  # (B, 24, 31, 31)
-        self.group1 = ConvGroup(24, width)  # (B, w, 15, 15)
-        self.group2 = ConvGroup(width, 2 * width)  # (B, 2w, 7, 7)
-        self.group3 = ConvGroup(2 * width, 2 * width)  # (B, 2w, 3, 3)
+        # with its negative so the activation after it loses nothing. Set once by `init_whitening`.
+        # The filters never train. By default there is no bias either, so no gradient has to flow
+        # into the first group's input, which saves a backward pass over the largest activations;
+        # airbench trains a bias for its first 3 epochs (`whiten_bias`, frozen by main()).
+        self.whiten = nn.Conv2d(3, 24, 2, bias=whiten_bias)  # (B, 24, 31, 31)
+        self.whiten.weight.requires_grad_(False)
+        if whiten_bias:
+            nn.init.zeros_(self.whiten.bias)
+        self.act = ACTIVATIONS[act]
+        self.group1 = ConvGroup(24, width, act)  # (B, w, 15, 15)
+        self.group2 = ConvGroup(width, 2 * width, act)  # (B, 2w, 7, 7)
+        self.group3 = ConvGroup(2 * width, 2 * width, act)  # (B, 2w, 3, 3)
         self.fc = nn.Linear(2 * width, n_classes, bias=False)
 
     @torch.no_grad()
@@ -226,19 +238,19 @@ class AirNet(nn.Module):
         self.whiten.weight.copy_(torch.cat([filters, -filters]).float().to(self.whiten.weight.device))
 
     def forward(self, x):  # (B, 3, 32, 32)
-        x = F.relu(self.whiten(x))
+        x = self.act(self.whiten(x))
         x = self.group3(self.group2(self.group1(x)))
         x = torch.amax(x, dim=(2, 3))  # global max pool -> (B, 2w)
         return self.fc(x) / 9  # airbench: small logits at the start steady the first steps
 
 
-def build_model(name, width):
+def build_model(name, width, act="relu", whiten_bias=False):
     if name == "lenet":
         return LeNet()
     if name == "resnet":
         return ResNet(width)
     if name == "airbench":
-        return AirNet(width)
+        return AirNet(width, act=act, whiten_bias=whiten_bias)
     fail(f"unknown --model {name}: choose airbench, resnet or lenet")
 
 
@@ -616,6 +628,14 @@ def main():
     parser.add_argument("--tta", type=int, default=None, choices=[0, 1, 2],
                         help=f"test-time augmentation: 0 none, 1 mirror, 2 mirror and shifts (default: "
                              f"{recipe_defaults('tta')})")
+    parser.add_argument("--act", default=None, choices=list(ACTIVATIONS),
+                        help="airbench's activation (default: relu; airbench's own: gelu)")
+    parser.add_argument("--whiten-bias-epochs", type=int, default=None,
+                        help="airbench: train the whitening layer's bias for this many epochs, then freeze "
+                             "it (default: 0, no bias; airbench's own: 3)")
+    parser.add_argument("--whiten-images", type=int, default=None,
+                        help="airbench: training images whose patches set the whitening filters (default: "
+                             "2000; airbench's own: 5000)")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                         help="mixed precision; auto: bf16 on GPUs from Ampere on and CPUs with native bf16, "
                              "fp16 with a GradScaler on older GPUs (a T4), fp32 elsewhere (default: "
@@ -642,6 +662,12 @@ def main():
         if getattr(args, key) is not None:
             recipe[key] = getattr(args, key)
         setattr(args, key, recipe[key])
+    for key in ("act", "whiten_bias_epochs", "whiten_images"):  # the airbench network's own settings
+        if getattr(args, key) is not None and key not in recipe:
+            fail(f"--{key.replace('_', '-')} is a setting of --model airbench, not {args.model}")
+        setattr(args, key, recipe.get(key) if getattr(args, key) is None else getattr(args, key))
+    if args.model == "airbench" and (args.whiten_bias_epochs < 0 or args.whiten_images < 1):
+        fail("--whiten-bias-epochs needs 0 or more, --whiten-images 1 or more")
     if not 8 <= args.early_crop <= 32:
         fail(f"--early-crop {args.early_crop}: give a crop size from 8 to 32 (32: whole images all along)")
     if args.time_limit is not None and (args.time_limit <= 0 or args.resume):
@@ -691,16 +717,20 @@ def main():
 
     # ---- model and optimizer
     model_args = dict(name=args.model, width=args.width)
+    if args.model == "airbench":
+        model_args.update(act=args.act, whiten_bias=args.whiten_bias_epochs > 0)
     # NHWC (channels last): the layout oneDNN's CPU convolutions and tensor cores are fastest in
     net = build_model(**model_args).to(device).to(memory_format=torch.channels_last)
     if args.model == "airbench":
-        net.init_whitening(((train_x[:2000].float() / 255) - mean) / std)
+        net.init_whitening(((train_x[:args.whiten_images].float() / 255) - mean) / std)
     log(f"model: {args.model}, {sum(p.numel() for p in net.parameters()):,} parameters, on {device}")
     # Nesterov momentum converges faster than plain momentum at the same step size (Sutskever et al. 2013).
     # airbench: BN shifts learn bias_lr (64) times faster than the weights; their weight decay is
     # divided by as much, so the decay per step stays that of the other weights.
     params = [p for p in net.parameters() if p.requires_grad]
-    weights, biases = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+    whiten_bias = net.whiten.bias if args.model == "airbench" else None  # airbench: learns as the weights do
+    weights = [p for p in params if p.ndim > 1 or p is whiten_bias]
+    biases = [p for p in params if p.ndim <= 1 and p is not whiten_bias]
     bias_decay = recipe["weight_decay"] / recipe["bias_lr"] if args.model == "airbench" else 0.0
     # fused: one kernel updates every tensor, and with the GradScaler it skips overflowed steps on the
     # device instead of asking the host (a sync) at every step
@@ -754,7 +784,9 @@ def main():
     model = net
     if distributed:  # DDP averages gradients across processes during backward
         device_ids = [local_rank] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+        # find_unused_parameters: once the whitening bias is frozen, its gradient never comes
+        model = nn.parallel.DistributedDataParallel(net, device_ids=device_ids,
+                                                    find_unused_parameters=whiten_bias is not None)
     if args.compile:
         model = torch.compile(model)
     eval_net = copy.deepcopy(net)  # validates the slow (averaged) weights while the fast ones train on
@@ -769,6 +801,8 @@ def main():
     # a time limit ends by the clock
     epochs = itertools.count(start_epoch) if budget else range(start_epoch, args.epochs)
     for epoch in epochs:
+        if whiten_bias is not None:  # airbench: the whitening bias trains for its first epochs only
+            whiten_bias.requires_grad_(epoch < args.whiten_bias_epochs)
         t0 = time.time()
         step, n_steps, loss_sum = train_epoch(model, optimizer, scaler, loader, epoch, step, progress, recipe,
                                               amp_dtype, lookahead)
