@@ -581,8 +581,12 @@ def pitch_track(x, rate, fmin=60.0, fmax=1000.0):
     taken (a period's multiples peak too), refined between samples by a parabola through the peak."""
     size = frame_size(rate)
     fr = frames(x, size, size // 4)
-    r = np.fft.irfft(np.abs(np.fft.rfft(fr, 2 * size, axis=1)) ** 2, axis=1)[:, :size]
-    r = r / np.maximum(r[:, :1], 1e-12)
+    acf = lambda v: np.fft.irfft(np.abs(np.fft.rfft(v, 2 * size, axis=-1)) ** 2, axis=-1)[..., :size]
+    r = acf(fr)
+    # Boersma (1993), eq. 9: divide by the window's own autocorrelation, which falls with the lag and
+    # would pull every peak towards shorter lags (a plucked C2 read 26 cents sharp without this)
+    w = acf(np.hanning(size))
+    r = r / np.maximum(r[:, :1], 1e-12) / np.maximum(w / w[0], 0.1)
     lo, hi = max(2, int(rate / fmax)), min(size - 2, int(rate / fmin))
     seg = r[:, lo:hi + 1]
     peak = (seg[:, 1:-1] > seg[:, :-2]) & (seg[:, 1:-1] >= seg[:, 2:])  # local maxima, lags lo+1 .. hi-1
