@@ -408,7 +408,7 @@ def test_rnns_run_in_fp32_under_bf16_autocast():
     # ToneNet's LSTMs under bf16 on a CPU: this used to fail inside oneDNN
     tn = import_script("tonenet/train.py")
     model = tn.ToneNet(["a", "b"], hidden=16)
-    roll = (torch.rand(4, 32, 88, 2) < 0.05).float()
+    roll = (torch.rand(4, 32, 88, 3) < 0.05).float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         velocity = model(roll, torch.tensor([0, 1, 1, 0]))
     assert velocity.shape == (4, 32, 88) and velocity.dtype == torch.float32
@@ -711,15 +711,15 @@ def test_tonenet_encoding_of_written_midi():
         roll, vel, step = tn.encode(notes, mid.ticks_per_beat, 4)
         rolls.append((roll, vel))
         C4, E4, G4, A4 = 60 - 21, 64 - 21, 67 - 21, 69 - 21
-        assert roll[0, C4].tolist() == [1, 1] and vel[0, C4] == 100  # struck
+        assert roll[0, C4].tolist() == [1, 1, 0] and vel[0, C4] == 100  # struck, in the first part
         # held, then released by velocity 0
-        assert roll[1, C4].tolist() == [0, 1] and roll[2, C4].tolist() == [0, 0]
+        assert roll[1, C4].tolist() == [0, 1, 0] and roll[2, C4].tolist() == [0, 0, 0]
         # overlapping strikes
-        assert roll[4, E4].tolist() == [1, 1] and roll[5, E4].tolist() == [1, 1] and vel[5, E4] == 70
+        assert roll[4, E4].tolist() == [1, 1, 0] and roll[5, E4].tolist() == [1, 1, 0] and vel[5, E4] == 70
         # first in, first out: the second note ends at tick 192
         assert roll[7, E4, 1] == 1 and roll[8, E4, 1] == 0
         # pedal holds it to tick 288
-        assert roll[8, G4].tolist() == [1, 1] and roll[11, G4, 1] == 1 and roll[12, G4, 1] == 0
+        assert roll[8, G4].tolist() == [1, 1, 0] and roll[11, G4, 1] == 1 and roll[12, G4, 1] == 0
         assert vel[12, A4] == 110  # two strikes in one cell: the louder is kept
         # two A4s share a cell; no drum note, nothing below A0
         assert int(roll[..., 0].sum()) == 5 and len(step) == 6
@@ -728,6 +728,15 @@ def test_tonenet_encoding_of_written_midi():
         no_pedal, _, _ = tn.encode(tn.read_notes(mid, pedal=False), mid.ticks_per_beat, 4)
         assert no_pedal[9, G4, 1] == 0
     assert all((a == b).all() for a, b in zip(*rolls))  # type 0 and type 1 read the same
+    # parts: a built-in piece has a melody track and an accompaniment track (track 0 holds no notes)
+    import random
+    mid = tn.compose(random.Random(0), "lyrical")
+    notes = tn.read_notes(mid)
+    roll, _, step = tn.encode(notes, mid.ticks_per_beat, 4)
+    assert sorted(set(notes["track"].tolist())) == [1, 2]
+    part = roll[step, notes["key"], 2]
+    assert (part == notes["track"] - 1).mean() > 0.99 and set(part.tolist()) == {0, 1}
+    assert (roll[..., 2][roll[..., 0] == 0] == 0).all()  # a part only where a note is struck
 
 
 def tonenet_checkpoint():

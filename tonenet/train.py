@@ -16,8 +16,8 @@ names the performer at the end of the file name) always share a split. The test 
 the MAE, the correlation, and the MAE with each file's mean velocity given (the shape alone).
 
 The pipeline: MIDI -> note events (mido; tracks merged, sustain pedal applied) -> a grid of
---steps-per-beat cells per beat: notes (T, 88, 2) with [1,1] struck, [0,1] held, [0,0] silent,
-and velocities (T, 88) at the struck cells -> windows of --window steps -> the network ->
+--steps-per-beat cells per beat: notes (T, 88, 3) with [1,1,part] struck, [0,1,0] held, [0,0,0]
+silent (part: which of the file's tracks the note is in), and velocities (T, 88) at the struck cells -> windows of --window steps -> the network ->
 mean squared error on velocity/127 at struck cells only.
 
 Speed: the decoder reads the encoder states, not its own earlier outputs, so every LSTM runs
@@ -54,42 +54,48 @@ def fail(message):
 # ----------------------------------------------------------------------------- model
 
 
-def note_features(roll, voices):
-    """roll (B, T, 88, 2) -> (B, T, 88, F) floats. With `voices`, three more per key, all from the
-    notes alone: the top voice (the highest key sounding at the step), the bottom voice (the
-    lowest), and at a struck key how long the note is held, as log(1 + steps) / log(1 + T)."""
-    if not voices:
-        return roll.float()
+def note_features(roll, voices, parts=False):
+    """roll (B, T, 88, 3) -> (B, T, 88, F) floats: struck and sounding. With `voices`, three more per
+    key, all from the notes alone: the top voice (the highest key sounding at the step), the bottom
+    voice (the lowest), and at a struck key how long the note is held, as log(1 + steps) / log(1 + T).
+    With `parts`, three more: which part the struck note belongs to (the file's first, second, or a
+    later track with notes), one-hot."""
     struck, sounding = roll[..., 0].float(), roll[..., 1].float()  # (B, T, 88)
-    B, T, K = sounding.shape
-    key = torch.arange(K, device=roll.device)
-    any_sounding = sounding.amax(-1, keepdim=True)  # (B, T, 1)
-    # highest sounding key
-    top = (key == (sounding * (key + 1)).argmax(-1, keepdim=True)).float() * any_sounding
-    bottom = (key == (sounding * (K - key)).argmax(-1, keepdim=True)).float() * any_sounding  # lowest
-    # A note struck at t lasts until the first later step where its key is silent or struck again:
-    # the suffix minimum of those steps' indices (reversed cummin), minus t.
-    step = torch.arange(T, device=roll.device).view(1, T, 1).expand(B, T, K)
-    ends = torch.where((sounding == 0) | (struck == 1), step, T)  # (B, T, 88)
-    ends = torch.cat([ends[:, 1:], torch.full_like(ends[:, :1], T)], 1)  # only later steps count
-    first_end = ends.flip(1).cummin(1).values.flip(1)  # (B, T, 88) the first end after t
-    held = torch.log1p((first_end - step).float()) / math.log1p(T) * struck
-    return torch.stack([struck, sounding, top, bottom, held], -1)
+    features = [struck, sounding]
+    if voices:
+        B, T, K = sounding.shape
+        key = torch.arange(K, device=roll.device)
+        any_sounding = sounding.amax(-1, keepdim=True)  # (B, T, 1)
+        # highest sounding key
+        top = (key == (sounding * (key + 1)).argmax(-1, keepdim=True)).float() * any_sounding
+        bottom = (key == (sounding * (K - key)).argmax(-1, keepdim=True)).float() * any_sounding  # lowest
+        # A note struck at t lasts until the first later step where its key is silent or struck again:
+        # the suffix minimum of those steps' indices (reversed cummin), minus t.
+        step = torch.arange(T, device=roll.device).view(1, T, 1).expand(B, T, K)
+        ends = torch.where((sounding == 0) | (struck == 1), step, T)  # (B, T, 88)
+        ends = torch.cat([ends[:, 1:], torch.full_like(ends[:, :1], T)], 1)  # only later steps count
+        first_end = ends.flip(1).cummin(1).values.flip(1)  # (B, T, 88) the first end after t
+        held = torch.log1p((first_end - step).float()) / math.log1p(T) * struck
+        features += [top, bottom, held]
+    if parts:
+        part = roll[..., 2].clamp(max=2)  # (B, T, 88) 0, 1, 2 for the third track on
+        features += [struck * (part == p) for p in range(3)]
+    return torch.stack(features, -1)
 
 
 class Encoder(nn.Module):
     """A linear layer over the note features of each step (88 keys x F), then a bidirectional LSTM."""
 
-    def __init__(self, hidden, layers, dropout, voices=False):
+    def __init__(self, hidden, layers, dropout, voices=False, parts=False):
         super().__init__()
-        self.voices = voices
-        self.inp = nn.Linear(KEYS * (5 if voices else 2), hidden)
+        self.voices, self.parts = voices, parts
+        self.inp = nn.Linear(KEYS * (2 + 3 * voices + 3 * parts), hidden)
         self.lstm = nn.LSTM(hidden, hidden, layers, batch_first=True, bidirectional=True,
                             dropout=dropout if layers > 1 else 0)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, roll):  # (B, T, 88, 2) in {0, 1}
-        x = self.drop(torch.relu(self.inp(note_features(roll, self.voices).flatten(2))))  # (B, T, H)
+    def forward(self, roll):  # (B, T, 88, 3): struck, sounding in {0, 1}; part 0, 1, 2, ...
+        x = self.drop(torch.relu(self.inp(note_features(roll, self.voices, self.parts).flatten(2))))  # (B, T, H)
         out, _ = rnn_fp32(self.lstm, x)  # in fp32 under bf16 autocast: see common.rnn_fp32
         return self.drop(out)  # (B, T, 2H): each step sees the whole window, past and future
 
@@ -131,14 +137,14 @@ class ToneNet(nn.Module):
     """A shared encoder and one head per style; model="stylenet" swaps the attention decoders
     for linear heads. Velocities come out as sigmoid(logit) * 127."""
 
-    def __init__(self, styles, hidden=64, layers=2, dropout=0.2, model="tonenet", voices=False):
+    def __init__(self, styles, hidden=64, layers=2, dropout=0.2, model="tonenet", voices=False, parts=False):
         super().__init__()
-        self.encoder = Encoder(hidden, layers, dropout, voices)
+        self.encoder = Encoder(hidden, layers, dropout, voices, parts)
         head = LuongDecoder if model == "tonenet" else LinearHead
         self.heads = nn.ModuleList(head(hidden, dropout) for _ in styles)
 
     def forward(self, roll, style, mask=None):
-        """roll (B, T, 88, 2), style (B,) style index of each window, mask (B, T) real steps or None
+        """roll (B, T, 88, 3), style (B,) style index of each window, mask (B, T) real steps or None
         -> velocity (B, T, 88) in 0..127."""
         enc = self.encoder(roll)
         logits = torch.empty(enc.shape[:2] + (KEYS,), device=enc.device, dtype=enc.dtype)
@@ -152,10 +158,10 @@ class ToneNet(nn.Module):
         return torch.sigmoid(logits.float()) * 127
 
     def perform(self, roll, style_index, window, batch_size=64):
-        """Velocities (T, 88) for a whole piece (T, 88, 2) in one style, window by window."""
+        """Velocities (T, 88) for a whole piece (T, 88, 3) in one style, window by window."""
         T = len(roll)
         n = -(-T // window)  # windows, the last padded
-        x = F.pad(roll.float(), (0, 0, 0, 0, 0, n * window - T)).view(n, window, KEYS, 2)
+        x = F.pad(roll.float(), (0, 0, 0, 0, 0, n * window - T)).view(n, window, KEYS, roll.shape[-1])
         # attention ignores the padding
         mask = (torch.arange(n * window, device=roll.device) < T).view(n, window)
         style = torch.full((n,), style_index)  # on the host, as forward() routes by it
@@ -253,7 +259,8 @@ def seconds_of(mid, ticks):
 
 def encode(notes, ticks_per_beat, steps_per_beat):
     """ToneNet's input and target on a grid of steps_per_beat cells per beat:
-    roll (T, 88, 2) uint8: [1,1] struck in this cell, [0,1] held from before, [0,0] silent;
+    roll (T, 88, 3) uint8: [1,1,p] struck in this cell, [0,1,0] held from before, [0,0,0] silent,
+    where p is the struck note's part: 0 for the file's first track with notes, 1 for the second, ...;
     velocity (T, 88) uint8, set where a key is struck; step (N,) the cell of each note."""
     step = np.rint(notes["onset"] * steps_per_beat / ticks_per_beat).astype(np.int64)
     stop = np.maximum(np.rint(notes["end"] * steps_per_beat / ticks_per_beat).astype(np.int64), step + 1)
@@ -262,9 +269,10 @@ def encode(notes, ticks_per_beat, steps_per_beat):
     held = np.zeros((T + 1, KEYS), np.int32)  # +1 at the onset, -1 after the end; cumsum -> sounding
     np.add.at(held, (step, key), 1)
     np.add.at(held, (stop, key), -1)
-    roll = np.zeros((T, KEYS, 2), np.uint8)
+    roll = np.zeros((T, KEYS, 3), np.uint8)
     roll[:, :, 1] = np.cumsum(held, 0)[:T] > 0
     roll[step, key, 0] = 1
+    roll[step, key, 2] = np.unique(notes["track"], return_inverse=True)[1].reshape(-1)  # tracks ranked
     velocity = np.zeros((T, KEYS), np.uint8)
     # Two onsets of one key in one cell: keep the louder, the strike a listener hears.
     np.maximum.at(velocity, (step, key), notes["velocity"].astype(np.uint8))
@@ -347,7 +355,7 @@ def split_files(pieces, val_frac, test_frac, seed):
 
 def windows(items, window, stride):
     """Cut pieces into windows of `window` steps every `stride` steps, the last one of each piece
-    padded with silence (nothing struck, so no loss): roll (N, W, 88, 2) and velocity (N, W, 88), uint8."""
+    padded with silence (nothing struck, so no loss): roll (N, W, 88, 3) and velocity (N, W, 88), uint8."""
     rolls, vels = [], []
     for _, roll, vel in items:
         T = len(roll)
@@ -359,7 +367,7 @@ def windows(items, window, stride):
 
 
 def shift_keys(roll, target, shift):
-    """Move a batch (B, T, 88, 2) and its velocities (B, T, 88) by `shift` keys; keys pushed off
+    """Move a batch (B, T, 88, 3) and its velocities (B, T, 88) by `shift` keys; keys pushed off
     the keyboard are dropped, so nothing wraps around."""
     if shift == 0:
         return roll, target
@@ -374,7 +382,7 @@ def shift_keys(roll, target, shift):
 
 
 def train_step(model, optimizer, scaler, x, target, style, clip, amp_dtype, loss_kind="mse"):
-    """One update: x (B, T, 88, 2) the notes, target (B, T, 88) velocities / 127, style (B,) on the
+    """One update: x (B, T, 88, 3) the notes, target (B, T, 88) velocities / 127, style (B,) on the
     host. Returns the loss, left on the device (reading it would make the CPU wait for the GPU)."""
     struck = x[..., 0]  # (B, T, 88) 1 where a key is struck: only struck keys have a velocity
     with autocast(x.device, amp_dtype):
@@ -395,7 +403,7 @@ def train_step(model, optimizer, scaler, x, target, style, clip, amp_dtype, loss
 def train_epoch(model, optimizer, scaler, data, generator, batch_size, transpose, clip, amp_dtype,
                 loss_kind="mse", lr_at=None, stop=lambda n: False):
     """One pass over the training windows in a new order, all styles shuffled together. data:
-    roll (N, W, 88, 2) and velocities (N, W, 88) uint8 on the device, style (N,) on the host.
+    roll (N, W, 88, 3) and velocities (N, W, 88) uint8 on the device, style (N,) on the host.
     lr_at(n): the learning rate before batch n, if it follows a schedule; stop(n): end early.
     Returns the summed loss, left on the device, and the number of batches."""
     roll, vel, style_of = data
@@ -671,6 +679,9 @@ def main():
     parser.add_argument("--voices", action=argparse.BooleanOptionalAction, default=False,
                         help="add note features: top voice, bottom voice, how long each note is held "
                              "(default: %(default)s)")
+    parser.add_argument("--parts", action=argparse.BooleanOptionalAction, default=False,
+                        help="add a note feature: which part (the file's first, second, later track) a note "
+                             "is in (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=24, help="(default: %(default)s)")
     parser.add_argument("--time-limit", type=float, default=0,
                         help="stop training after this many seconds, 0 for none (default: %(default)s)")
@@ -719,15 +730,15 @@ def main():
     styles = list(pieces)
     split = split_files(pieces, args.val_frac, args.test_frac, args.split_seed)
     train_means = {}
-    parts = []
+    per_style = []
     for s, style in enumerate(styles):
         roll, vel = windows(split["train"][style], args.window, args.window // 2)  # half-overlapping windows
-        parts.append((roll, vel, torch.full((len(roll),), s)))
+        per_style.append((roll, vel, torch.full((len(roll),), s)))
         struck = [v[r[..., 0] == 1] for _, r, v in split["train"][style]]  # velocities of the struck notes
         train_means[style] = float(np.concatenate(struck).mean())
-    roll = torch.cat([p[0] for p in parts]).to(device)  # (N, W, 88, 2) uint8
-    vel = torch.cat([p[1] for p in parts]).to(device)  # (N, W, 88) uint8
-    style_of = torch.cat([p[2] for p in parts])  # (N,) on the host: the model routes windows by it
+    roll = torch.cat([p[0] for p in per_style]).to(device)  # (N, W, 88, 3) uint8
+    vel = torch.cat([p[1] for p in per_style]).to(device)  # (N, W, 88) uint8
+    style_of = torch.cat([p[2] for p in per_style])  # (N,) on the host: the model routes windows by it
     for style in styles:
         counts = {name: (len(part[style]), len({piece_of(f) for f, _, _ in part[style]}),
                          sum(int(r[..., 0].sum()) for _, r, _ in part[style]))
@@ -740,7 +751,7 @@ def main():
 
     # ---- model
     model_args = dict(styles=styles, hidden=args.hidden, layers=args.layers, dropout=args.dropout,
-                      model=args.model, voices=args.voices)
+                      model=args.model, voices=args.voices, parts=args.parts)
     model = ToneNet(**model_args).to(device)
     # one kernel for all tensors
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))
