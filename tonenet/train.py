@@ -17,7 +17,8 @@ the MAE, the correlation, and the MAE with each file's mean velocity given (the 
 
 The pipeline: MIDI -> note events (mido; tracks merged, sustain pedal applied) -> a grid of
 --steps-per-beat cells per beat: notes (T, 88, 3) with [1,1,part] struck, [0,1,0] held, [0,0,0]
-silent (part: which of the file's tracks the note is in), and velocities (T, 88) at the struck cells -> windows of --window steps -> the network ->
+silent (part: which of the file's tracks the note is in), and velocities (T, 88) at the struck
+cells -> windows of --window steps -> the network ->
 mean squared error on velocity/127 at struck cells only.
 
 Speed: the decoder reads the encoder states, not its own earlier outputs, so every LSTM runs
