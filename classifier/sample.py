@@ -64,7 +64,9 @@ def main():
 
     ckpt = load_checkpoint(args.checkpoint, device)
     config, classes = ckpt["config"], ckpt["classes"]
-    model = build_model(**ckpt["model_args"]).to(device).to(memory_format=torch.channels_last)
+    # checkpoints saved before the activation was a setting hold ReLU networks
+    model_args = {"act": "relu", **ckpt["model_args"]}
+    model = build_model(**model_args).to(device).to(memory_format=torch.channels_last)
     model.load_state_dict(ckpt["model"])
     model.eval()
 

@@ -244,8 +244,7 @@ class AirNet(nn.Module):
         return self.fc(x) / 9  # airbench: small logits at the start steady the first steps
 
 
-def build_model(name, width, act="relu", whiten_bias=False):
-    # act's default is "relu" because checkpoints saved before the setting existed hold ReLU networks
+def build_model(name, width, act="gelu", whiten_bias=False):
     if name == "lenet":
         return LeNet()
     if name == "resnet":
