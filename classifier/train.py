@@ -777,6 +777,8 @@ def main():
             fail(f"--resume: {out} holds a {ckpt['model_args']} model, not {model_args}")
         net.load_state_dict(ckpt["resume"]["model"])
         optimizer.load_state_dict(ckpt["resume"]["optimizer"])
+        if needs_scaler and ckpt["resume"].get("scaler"):
+            scaler.load_state_dict(ckpt["resume"]["scaler"])
         if lookahead and ckpt["resume"].get("lookahead"):
             lookahead.slow = ckpt["resume"]["lookahead"]
         start_epoch, best_acc, best_state = ckpt["resume"]["epoch"], ckpt["best_val_acc"], ckpt["model"]
@@ -833,7 +835,8 @@ def main():
                 "best_val_acc": best_acc,
                 "config": vars(args),
                 "resume": {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                           "lookahead": lookahead.slow if lookahead else None},
+                           "lookahead": lookahead.slow if lookahead else None,
+                           "scaler": scaler.state_dict()},  # fp16: the loss scale reached; else empty
             }, out)
         if p >= 1:
             break
