@@ -25,9 +25,10 @@ TMP = Path(tempfile.mkdtemp(prefix="test_all_"))  # every file a test writes goe
 _trained = {}  # checkpoints made once and shared by the tests that need them
 
 
-def run(script, *args, cwd=ROOT, stdin=None, expect_ok=True, timeout=600):
-    """Run `python script args...` and return (stdout, stderr); assert the exit status."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run(script, *args, cwd=ROOT, stdin=None, expect_ok=True, timeout=600, env=None):
+    """Run `python script args...` and return (stdout, stderr); assert the exit status. `env`: more
+    environment variables for the script."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     p = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, input=stdin,
                        capture_output=True, text=True, timeout=timeout, env=env)
     if expect_ok and p.returncode != 0:
@@ -370,18 +371,58 @@ def test_precision_rule_without_a_gpu():
     assert bf16_output("cpu", "bf16-output", False)
 
 
-def test_every_train_script_has_a_dry_run_that_sample_reads():
+def mac_like():
+    """Environment variables under which torch, in a script run here, reports its foreach kernels as
+    absent for the CPU, as it does for Apple's MPS: a script that insists on them (foreach=True)
+    fails on this CPU as it would on a Mac, where no test can run."""
+    folder = TMP / "mac_like"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import torch.nn.utils.clip_grad as clip_grad, torch.utils._foreach_utils as foreach_utils\n"
+        "for m in (clip_grad, foreach_utils):\n"
+        "    m._device_has_foreach_support = lambda device: False\n"
+        "    m._has_foreach_support = lambda tensors, device: False\n")
+    return {"PYTHONPATH": os.pathsep.join([str(folder), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+def float64_tensors(obj, where="checkpoint"):
+    """Where in a loaded checkpoint float64 tensors are (MPS cannot hold them)."""
+    import torch
+    if torch.is_tensor(obj):
+        return [where] if obj.dtype == torch.float64 else []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
+    return [w for k, v in items for w in float64_tensors(v, f"{where}[{k!r}]")]
+
+
+def test_every_train_script_has_a_dry_run_that_sample_reads_with_a_macs_limits():
     # pytorch/examples' --dry-run: a couple of batches, one evaluation and a checkpoint; each
-    # sample.py must work from that checkpoint.
+    # sample.py must work from that checkpoint. Both run with foreach reported absent, as on MPS,
+    # and the checkpoint may hold no float64 tensor, which MPS cannot load.
+    import torch
     samples = {"blitz": ["--out", TMP / "dry_blitz.pt2"], "classifier": ["--n", 1, "--color", "never"],
                "seq2seq": ["il est grand"], "tonenet": ["--out", TMP / "dry_tonenet.mid"],
                "umtn": ["--seconds", 0.25, "--to", "organ", "--out", TMP / "dry_umtn.wav"]}
     for folder, extra in samples.items():
         ckpt = TMP / f"dry_{folder}.pt"
-        out, _ = run(f"{folder}/train.py", "--dry-run", "--out", ckpt)
+        out, _ = run(f"{folder}/train.py", "--dry-run", "--out", ckpt, env=mac_like())
         assert "result:" in out and ckpt.is_file(), (folder, out[-800:])
         assert re.search(r"^(epoch 1/1|step 2/2) ", out, re.M), (folder, out[-800:])
-        run(f"{folder}/sample.py", "--checkpoint", ckpt, *extra)
+        found = float64_tensors(torch.load(ckpt, weights_only=True))
+        assert not found, (folder, found)
+        run(f"{folder}/sample.py", "--checkpoint", ckpt, *extra, env=mac_like())
+    # Every loader reads onto the CPU and moves the model afterwards, so a checkpoint saved on any
+    # device opens on any other (here the tensor-less "meta" device stands for the Mac's).
+    real_load, asked = torch.load, []
+    torch.load = lambda *a, **k: asked.append(k.get("map_location")) or real_load(*a, **k)
+    try:
+        for folder in ("seq2seq", "tonenet", "umtn"):
+            loaded = import_script(f"{folder}/train.py").load_checkpoint(TMP / f"dry_{folder}.pt",
+                                                                          torch.device("meta"))
+            assert next(loaded[1].parameters()).device.type == "meta", folder
+        import_script("classifier/train.py").load_checkpoint(TMP / "dry_classifier.pt")
+    finally:
+        torch.load = real_load
+    assert asked == ["cpu"] * 4, asked
 
 
 def test_every_train_script_has_the_one_amp_flag():
@@ -445,8 +486,8 @@ def test_classifier_fp16_gradscaler_and_time_limit():
     # learns within a given number of seconds is no outcome to test.
     import torch
     ckpt = TMP / "fp16.pt"
-    small = ["--test-size", 200, "--val-size", 100, "--width", 8, "--act", "relu", "--amp", "fp16", "--tta",
-             0]
+    small = ["--test-size", 200, "--val-size", 100, "--width", 8, "--act", "relu", "--amp", "fp16",
+             "--tta", 0]
     out, _ = run("classifier/train.py", *small, "--train-size", 1000, "--batch-size", 32, "--epochs", 4,
                  "--out", ckpt)
     assert "autocast=float16 +GradScaler" in out, out[:600]

@@ -41,14 +41,16 @@ if not path.is_file():
     sys.exit(f"error: no checkpoint at {path}: run python blitz/train.py first")
 try:
     # weights_only=True unpickles tensors and plain containers only, never arbitrary code.
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    # map_location="cpu": a checkpoint saved on a GPU opens anywhere; the model moves to the device below
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
 except Exception as e:
     sys.exit(f"error: {path} is not a readable PyTorch checkpoint ({type(e).__name__}): run python "
              "blitz/train.py")
 if not isinstance(ckpt, dict) or ckpt.get("kind") != "blitz":
     sys.exit(f"error: {path} is not a blitz checkpoint: run python blitz/train.py first")
-model = Net(**ckpt["model_args"]).to(device)  # rebuilt from the saved constructor arguments alone
+model = Net(**ckpt["model_args"])  # rebuilt from the saved constructor arguments alone
 model.load_state_dict(ckpt["model"])
+model.to(device)
 model.eval()
 print(f"loaded {path}: epoch {ckpt['epoch']}, validation accuracy {100 * ckpt['best_val_acc']:.1f}%")
 

@@ -62,12 +62,13 @@ def main():
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty()
                                        and "NO_COLOR" not in os.environ)
 
-    ckpt = load_checkpoint(args.checkpoint, device)
+    ckpt = load_checkpoint(args.checkpoint)
     config, classes = ckpt["config"], ckpt["classes"]
     # checkpoints saved before the activation was a setting hold ReLU networks
     model_args = {"act": "relu", **ckpt["model_args"]}
-    model = build_model(**model_args).to(device).to(memory_format=torch.channels_last)
+    model = build_model(**model_args)
     model.load_state_dict(ckpt["model"])
+    model.to(device, memory_format=torch.channels_last)
     model.eval()
 
     mean, std = ckpt["mean"].view(1, 3, 1, 1).to(device), ckpt["std"].view(1, 3, 1, 1).to(device)

@@ -480,13 +480,15 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, device):
+def load_checkpoint(path):
     """A classifier checkpoint, or one clear line saying what is wrong with the file."""
     path = Path(path)
     if not path.is_file():
         fail(f"no checkpoint at {path}: run python classifier/train.py first")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        # onto the CPU first: a checkpoint saved on any device opens on any other, and the model is moved
+        # afterwards (MPS, for one, cannot hold every dtype a file may carry)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "classifier":
@@ -772,7 +774,7 @@ def main():
 
     out, start_epoch, best_acc, best_state = Path(args.out), 0, 0.0, None
     if args.resume:
-        ckpt = load_checkpoint(out, device)
+        ckpt = load_checkpoint(out)
         if ckpt["model_args"] != model_args:
             fail(f"--resume: {out} holds a {ckpt['model_args']} model, not {model_args}")
         net.load_state_dict(ckpt["resume"]["model"])
@@ -780,7 +782,7 @@ def main():
         if needs_scaler and ckpt["resume"].get("scaler"):
             scaler.load_state_dict(ckpt["resume"]["scaler"])
         if lookahead and ckpt["resume"].get("lookahead"):
-            lookahead.slow = ckpt["resume"]["lookahead"]
+            lookahead.slow = {k: v.to(device) for k, v in ckpt["resume"]["lookahead"].items()}
         start_epoch, best_acc, best_state = ckpt["resume"]["epoch"], ckpt["best_val_acc"], ckpt["model"]
         log(f"resumed {out} after epoch {start_epoch} (best val acc {100 * best_acc:.2f}%)")
     model = net

@@ -480,8 +480,9 @@ def train_step(model, optimizer, scaler, src, src_len, tgt, tgt_len, teacher_for
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # with the scaler off (everything but fp16) these are plain backward() ...
     scaler.unscale_(optimizer)  # fp16: true gradients before clipping
-    # keeps an exploding RNN gradient in check
-    nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+    # keeps an exploding RNN gradient in check; foreach left to PyTorch, which uses it where the device
+    # has it (MPS has not, and refuses foreach=True)
+    nn.utils.clip_grad_norm_(model.parameters(), clip)
     scaler.step(optimizer)  # ... and step(); fp16: skipped if a gradient overflowed
     scaler.update()
     return loss.detach()
@@ -509,14 +510,17 @@ def load_checkpoint(path, device):
     if not path.is_file():
         fail(f"no checkpoint at {path}: run python seq2seq/train.py first")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        # onto the CPU first: a checkpoint saved on any device opens on any other, and the model is moved
+        # afterwards (MPS, for one, cannot hold every dtype a file may carry)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "seq2seq":
         fail(f"{path} is not a seq2seq checkpoint (it was written by another script): train one with python "
              "seq2seq/train.py")
-    model = Seq2Seq(**ckpt["model_args"]).to(device)
+    model = Seq2Seq(**ckpt["model_args"])
     model.load_state_dict(ckpt["model"])
+    model.to(device)
     return ckpt, model.eval(), Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"])
 
 

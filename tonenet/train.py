@@ -96,7 +96,8 @@ class Encoder(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, roll):  # (B, T, 88, 3): struck, sounding in {0, 1}; part 0, 1, 2, ...
-        x = self.drop(torch.relu(self.inp(note_features(roll, self.voices, self.parts).flatten(2))))  # (B, T, H)
+        features = note_features(roll, self.voices, self.parts).flatten(2)  # (B, T, 88 * F)
+        x = self.drop(torch.relu(self.inp(features)))  # (B, T, H)
         out, _ = rnn_fp32(self.lstm, x)  # in fp32 under bf16 autocast: see common.rnn_fp32
         return self.drop(out)  # (B, T, 2H): each step sees the whole window, past and future
 
@@ -395,7 +396,8 @@ def train_step(model, optimizer, scaler, x, target, style, clip, amp_dtype, loss
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # with the scaler off (fp32, bf16) these are plain backward() ...
     scaler.unscale_(optimizer)  # fp16: true gradients before clipping
-    nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+    # foreach left to PyTorch, which uses it where the device has it (MPS has not, and refuses foreach=True)
+    nn.utils.clip_grad_norm_(model.parameters(), clip)
     scaler.step(optimizer)  # ... and step()
     scaler.update()
     return loss.detach()
@@ -439,14 +441,17 @@ def load_checkpoint(path, device):
     if not path.is_file():
         fail(f"no checkpoint at {path}: run python tonenet/train.py first")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        # onto the CPU first: a checkpoint saved on any device opens on any other, and the model is moved
+        # afterwards (MPS, for one, cannot hold every dtype a file may carry)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "tonenet":
         fail(f"{path} is not a tonenet checkpoint (it was written by another script): train one with python "
              "tonenet/train.py")
-    model = ToneNet(**ckpt["model_args"]).to(device)
+    model = ToneNet(**ckpt["model_args"])
     model.load_state_dict(ckpt["model"])
+    model.to(device)
     return ckpt, model.eval()
 
 

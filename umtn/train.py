@@ -547,14 +547,17 @@ def load_checkpoint(path, device):
     if not path.is_file():
         fail(f"no checkpoint at {path}: run python umtn/train.py first")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        # onto the CPU first: a checkpoint saved on any device opens on any other, and the model is moved
+        # afterwards (MPS, for one, cannot hold every dtype a file may carry)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "umtn":
         fail(f"{path} is not a umtn checkpoint (it was written by another script): train one with python "
              "umtn/train.py")
-    model = UMTN(**ckpt["model_args"]).to(device)
+    model = UMTN(**ckpt["model_args"])
     model.load_state_dict(ckpt["model"])
+    model.to(device)
     return ckpt, model.eval()
 
 
@@ -1144,7 +1147,9 @@ def main():
         save_checkpoint({"kind": "umtn", "model": model.state_dict(), "classifier": classifier.state_dict(),
                          "optimizer": opt.state_dict(), "model_args": model_args, "domains": domains,
                          "rate": args.rate,
-                         "timbre_centres": torch.tensor(timbre.centres) if timbre else None,
+                         # float32: MPS has no float64
+                         "timbre_centres": (torch.tensor(timbre.centres, dtype=torch.float32) if timbre
+                                            else None),
                          "step": step, "config": vars(args)}, out)
         say(f"saved {out}")
 
