@@ -366,9 +366,15 @@ def test_precision_rule_without_a_gpu():
     assert mps[:2] == (None, False) and "MPS" in mps[2]
     # seq2seq's CPU refinement
     bf16_output = load_script("seq2seq/train.py", "seq2seq_train").bf16_output_layer
-    assert bf16_output("cpu", "auto", True) and not bf16_output("cpu", "auto", False)
-    assert not bf16_output("cuda", "auto", True)
-    assert bf16_output("cpu", "bf16-output", False)
+    assert bf16_output("cpu", "auto", True) == (True, None) and not bf16_output("cpu", "auto", False)[0]
+    assert not bf16_output("cuda", "auto", True, (9, 0))[0]
+    assert bf16_output("cpu", "bf16-output", False) == (True, None)
+    assert bf16_output("cuda", "bf16-output", False, (9, 0)) == (True, None)
+    # the shared rule: emulated on a T4 (said once), not used on MPS (said once)
+    on, warning = bf16_output("cuda", "bf16-output", False, (7, 5))
+    assert on and warning.startswith("warning: --amp bf16-output") and "fp16" in warning, warning
+    on, warning = bf16_output("mps", "bf16-output", False)
+    assert not on and warning.startswith("warning: --amp bf16-output") and "MPS" in warning, warning
 
 
 def mac_like():
@@ -508,17 +514,22 @@ def test_classifier_fp16_gradscaler_and_time_limit():
 
 
 def test_classifier_torchrun_two_processes():
-    ckpt = TMP / "ddp.pt"
-    p = subprocess.run([str(a) for a in [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                         "--nproc_per_node=2",
-                        "classifier/train.py", "--model", "resnet", "--train-size", 3000, "--test-size", 500,
-                                         "--val-size", 400,
-                        "--epochs", 5, "--width", 8, "--batch-size", 64, "--device", "cpu", "--out", ckpt]],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    r = result(p.stdout)
+    def torchrun(*args):
+        p = subprocess.run([str(a) for a in [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                             "--nproc_per_node=2", "classifier/train.py", "--model", "resnet",
+                                             "--width", 8, "--batch-size", 64, "--device", "cpu", *args]],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        assert p.stdout.count("result:") == 1  # only rank 0 reports
+        return result(p.stdout)
+    r = torchrun("--train-size", 3000, "--test-size", 500, "--val-size", 400, "--epochs", 5, "--out",
+                 TMP / "ddp.pt")
     assert r["world"] == 2 and r["test_acc"] >= 30, r
-    assert p.stdout.count("result:") == 1  # only rank 0 reports
+    # with a time limit the processes share rank 0's progress only now and then, and must still follow
+    # one schedule and stop at the same step (else the next gradient all-reduce would wait forever)
+    r = torchrun("--train-size", 1000, "--test-size", 200, "--val-size", 100, "--time-limit", 6, "--out",
+                 TMP / "ddp_time_limit.pt")
+    assert r["world"] == 2 and 5 <= r["train_seconds"] <= 16, r
 
 
 # ============================================================================= seq2seq
@@ -1443,9 +1454,16 @@ def test_cuda_training_steps_never_wait_for_the_gpu():
     require("cuda")
     dev = torch.device("cuda")
     precisions = [(None, False), (torch.bfloat16, False), (torch.float16, True)]
-    ct, s2s, tn, um = (import_script(f"{f}/train.py") for f in ("classifier", "seq2seq", "tonenet", "umtn"))
+    bl, ct, s2s, tn, um = (import_script(f"{f}/train.py")
+                           for f in ("blitz", "classifier", "seq2seq", "tonenet", "umtn"))
     for dtype, needs_scaler in precisions:
         scaler = lambda: torch.amp.GradScaler("cuda", enabled=needs_scaler)
+        # blitz: the lesson's own epoch and optimizer, the one-cycle schedule stepped every batch
+        net = bl.Net().to(dev)
+        opt, sc = bl.make_optimizer(net, 0.05, dev), scaler()
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=100)
+        batches = [(torch.randn(64, 1, 16, 16, device=dev), torch.randint(0, 4, (64,), device=dev))] * 4
+        no_syncs(lambda: bl.train_epoch(net, batches, opt, schedule, sc, dev, dtype))
         # classifier: augmentation on the device, airbench, fused SGD with the scaler
         net = ct.AirNet(16).to(dev).to(memory_format=torch.channels_last)
         net.init_whitening(torch.randn(256, 3, 32, 32, device=dev))

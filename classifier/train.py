@@ -754,6 +754,8 @@ def main():
     lookahead = Lookahead(net, every=max(1, 5 * 1024 // args.batch_size)) if recipe["lookahead"] else None
     loader = DeviceLoader(train_x, train_y, mean, std, args.batch_size, recipe, args.seed, rank, world)
 
+    shared = {"step": None, "p": 0.0, "pace": 0.0}  # the last progress rank 0 shared (see progress)
+
     def progress(step):
         """0 at the start of training, 1 at its end: of the steps, or with --time-limit of the
         seconds, so that warm-up, decay and averaging are laid over the budget whatever the speed."""
@@ -766,10 +768,16 @@ def main():
                 log(plan_time_limit(budget, (clock[8] - clock[3]) / 5, args.early_crop, steps_per_epoch,
                                     recipe))
         p = (time.time() - start) / budget
-        if distributed:  # rank 0's clock for all, so all processes stop at the same step
-            p = torch.tensor([p], device=device)
-            dist.broadcast(p, 0)
-            p = p.item()
+        if distributed:
+            # Rank 0's clock for all, so that every process follows one schedule and stops at the same
+            # step. Reading the broadcast value makes the CPU wait for the device, so it is shared every
+            # 10 steps with its pace per step, and every process extrapolates alike in between.
+            if shared["step"] is None or step - shared["step"] >= 10:
+                pace = (p - shared["p"]) / (step - shared["step"]) if shared["step"] is not None else 0.0
+                now = torch.tensor([p, pace], device=device)
+                dist.broadcast(now, 0)
+                (shared["p"], shared["pace"]), shared["step"] = now.tolist(), step
+            p = shared["p"] + (step - shared["step"]) * shared["pace"]
         return p
 
     out, start_epoch, best_acc, best_state = Path(args.out), 0, 0.0, None

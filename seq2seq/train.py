@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
-from common import (autocast, cpu_has_native_bf16, get_device, precision_for, precision_name, rnn_fp32,
-                    seed_everything, synchronize)
+from common import (autocast, choose_precision, cpu_has_native_bf16, get_device, precision_for,
+                    precision_name, rnn_fp32, seed_everything, synchronize)
 
 PAD, SOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<sos>", "<eos>", "<unk>"]
@@ -488,12 +488,17 @@ def train_step(model, optimizer, scaler, src, src_len, tgt, tgt_len, teacher_for
     return loss.detach()
 
 
-def bf16_output_layer(device_type, choice, cpu_native_bf16):
+def bf16_output_layer(device_type, choice, cpu_native_bf16, gpu_capability=None):
     """seq2seq's addition to the --amp rule of common.py: "bf16-output" runs only the (N x H x V)
     output product in bf16, and auto chooses it on a CPU with native bf16 (AVX512-BF16 or AMX),
     where that product gains from bf16 while the recurrent steps' small products lose (their
-    casts cost more than they save). The lesson page has the measurement."""
-    return choice == "bf16-output" or (choice == "auto" and device_type == "cpu" and cpu_native_bf16)
+    casts cost more than they save). The lesson page has the measurement. An explicit bf16-output
+    obeys common.py's bf16 rule: not used on MPS, warned of on a GPU without bf16 tensor cores.
+    -> (whether the output layer runs in bf16, a warning or None)."""
+    if choice == "bf16-output":
+        dtype, _, warning = choose_precision(device_type, "bf16", gpu_capability)
+        return dtype is not None, warning and warning.replace("--amp bf16", "--amp bf16-output")
+    return choice == "auto" and device_type == "cpu" and cpu_native_bf16, None
 
 
 def save_checkpoint(obj, path):
@@ -888,7 +893,10 @@ def main():
     # fused=True: one kernel updates every parameter, instead of a handful of ops per tensor
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))
     amp_dtype, needs_scaler = precision_for(device, "off" if args.amp == "bf16-output" else args.amp)
-    bf16_output = bf16_output_layer(device.type, args.amp, cpu_has_native_bf16())
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    bf16_output, warning = bf16_output_layer(device.type, args.amp, cpu_has_native_bf16(), capability)
+    if warning:
+        print(warning, file=sys.stderr)
     model.decoder.bf16_output = amp_dtype is None and bf16_output
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see common.choose_precision
     amp = "bf16-output" if model.decoder.bf16_output else precision_name(amp_dtype, needs_scaler)
