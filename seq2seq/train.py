@@ -74,10 +74,17 @@ class Encoder(nn.Module):
     def forward(self, src, src_len):  # src (B, S)
         x = self.dropout(self.embedding(src))  # (B, S, H)
         # Packing makes the GRU stop at each sentence's real end, so padding never enters the state.
-        # (It needs the lengths on the host: training passes them there, so no GPU sync is needed.)
-        packed = pack_padded_sequence(x, src_len.cpu(), batch_first=True, enforce_sorted=False)
+        # It needs the lengths on the host (training keeps them there) and the batch longest first.
+        # The sort is done here, its order sent to the device without waiting: enforce_sorted=False
+        # would sort too, but copy its order to the GPU and back, and the CPU would wait twice a step.
+        lengths = src_len.cpu()
+        order = lengths.argsort(descending=True)  # (B,) on the host
+        packed = pack_padded_sequence(x.index_select(0, order.to(x.device, non_blocking=True)),
+                                      lengths[order], batch_first=True)
         out, h = rnn_fp32(self.gru, packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])  # (B, S, dirs*H)
+        unsort = order.argsort().to(x.device, non_blocking=True)  # back to the batch's own order
+        out, h = out.index_select(0, unsort), h.index_select(1, unsort)
         if self.gru.bidirectional:  # sum the two directions, as the chatbot tutorial does
             H = self.gru.hidden_size
             out = out[..., :H] + out[..., H:]
