@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.io import wavfile
+from scipy.ndimage import maximum_filter1d
 from scipy.signal import lfilter, resample_poly
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -578,28 +579,55 @@ def frame_size(rate):
     return 2 ** round(math.log2(0.064 * rate))  # about 64 ms: four periods of the lowest note (C2)
 
 
-def pitch_track(x, rate, fmin=60.0, fmax=1000.0):
-    """Frame-wise dominant pitch (Hz) from the normalised autocorrelation; 0 where unvoiced or quiet.
-    Frames of about 64 ms, every 16 ms. The shortest lag whose peak reaches 90% of the highest is
-    taken (a period's multiples peak too), refined between samples by a parabola through the peak."""
+def pitch_track(x, rate, fmin=60.0, fmax=1000.0, harmonics=6):
+    """Frame-wise f0 (Hz) by subharmonic summation (Hermes 1988); 0 where unvoiced or quiet. Frames
+    of about 64 ms, every 16 ms. Every candidate on a 10-cent grid sums the (compressed) spectrum at
+    its first six harmonics, the h-th weighted 0.84^(h-1): the true f0 meets every partial with the
+    largest weights, its lower octave meets the same partials only as its even harmonics, so an
+    odd-harmonic spectrum (a clarinet's), which an autocorrelation reads an octave low, reads right.
+    The winner is refined at its harmonics' peaks (a parabola through the log spectrum at each, their
+    f0s averaged by amplitude). A frame is voiced where the normalised autocorrelation at that period
+    reaches 0.3."""
     size = frame_size(rate)
     fr = frames(x, size, size // 4)
+    nfft = 4 * size  # zero-padded: bins of rate / (4 size) Hz
+    mag = np.abs(np.fft.rfft(fr, nfft, axis=1))  # (frames, bins)
+    top = mag.max(1, keepdims=True) + 1e-12
+    # compressed, and widened by two bins each way so that a partial between grid points still counts
+    spread = maximum_filter1d(np.sqrt(mag / top), 5, axis=1)
+    grid = fmin * 2 ** (np.arange(int(120 * math.log2(fmax / fmin)) + 1) / 120)
+    score = np.zeros((len(fr), len(grid)))
+    for h in range(1, harmonics + 1):
+        inside = h * grid < rate / 2 - 2 * rate / nfft  # a harmonic above the band counts for nothing
+        bins = np.rint(h * grid * nfft / rate).astype(int).clip(0, nfft // 2)
+        score += 0.84 ** (h - 1) * inside * spread[:, bins]  # (frames, candidates)
+    best = grid[score.argmax(1)]
+    rows, offsets = np.arange(len(fr)), np.arange(-32, 33)
+    logmag = np.log(mag + 1e-12)
+    total, weight = np.zeros(len(fr)), np.zeros(len(fr))
+    for h in range(1, harmonics + 1):  # the strongest bin within a quarter tone of each harmonic
+        centre = np.rint(h * best * nfft / rate).astype(int)
+        half = np.maximum(2, np.rint(centre * (2 ** (1 / 24) - 1)))
+        idx = (centre[:, None] + offsets).clip(1, nfft // 2 - 1)  # (frames, 65)
+        near = np.where(np.abs(offsets) <= half[:, None], mag[rows[:, None], idx], -1)
+        peak = idx[rows, near.argmax(1)]
+        a, b, c = logmag[rows, peak - 1], logmag[rows, peak], logmag[rows, peak + 1]
+        curve = np.where(np.abs(a - 2 * b + c) > 1e-12, a - 2 * b + c, -1e-12)
+        shift = np.clip(0.5 * (a - c) / curve, -0.5, 0.5)  # the log spectrum's parabola peaks here
+        # a harmonic counts where it lies inside the band and stands above the noise
+        counts = (h * best < rate / 2 - 4 * rate / nfft) & (mag[rows, peak] > 0.03 * top[:, 0])
+        level = mag[rows, peak] * counts
+        total += level * (peak + shift) * rate / nfft / h
+        weight += level
+    f0 = np.where(weight > 0, total / np.maximum(weight, 1e-12), best)
+    # Boersma (1993), eq. 9: the autocorrelation divided by the window's own
     acf = lambda v: np.fft.irfft(np.abs(np.fft.rfft(v, 2 * size, axis=-1)) ** 2, axis=-1)[..., :size]
     r = acf(fr)
-    # Boersma (1993), eq. 9: divide by the window's own autocorrelation, which falls with the lag and
-    # would pull every peak towards shorter lags (a plucked C2 read 26 cents sharp without this)
     w = acf(np.hanning(size))
     r = r / np.maximum(r[:, :1], 1e-12) / np.maximum(w / w[0], 0.1)
-    lo, hi = max(2, int(rate / fmax)), min(size - 2, int(rate / fmin))
-    seg = r[:, lo:hi + 1]
-    peak = (seg[:, 1:-1] > seg[:, :-2]) & (seg[:, 1:-1] >= seg[:, 2:])  # local maxima, lags lo+1 .. hi-1
-    good = peak & (seg[:, 1:-1] >= 0.9 * np.where(peak, seg[:, 1:-1], -1).max(1, keepdims=True))
-    lag = lo + 1 + good.argmax(1)
-    rows = np.arange(len(r))
-    a, b, c = r[rows, lag - 1], r[rows, lag], r[rows, lag + 1]
-    shift = 0.5 * (a - c) / np.where(np.abs(a - 2 * b + c) > 1e-12, a - 2 * b + c, 1e-12)
-    voiced = good.any(1) & (b > 0.5) & (fr.std(1) > 1e-3)
-    return np.where(voiced, rate / (lag + np.clip(shift, -0.5, 0.5)), 0.0)
+    lag = np.rint(rate / f0).astype(int).clip(1, size - 2)
+    periodic = np.max([r[rows, lag + d] for d in (-1, 0, 1)], 0)
+    return np.where((periodic > 0.3) & (fr.std(1) > 1e-3), f0, 0.0)
 
 
 def written_pitch(notes, n, rate, skip=0.02):
