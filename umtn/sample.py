@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train import (TimbreClassifier, fail, frame_size, generate, load_checkpoint, melody, mu_law_decode,
-                   pitch_track, read_wav,
-                   render, write_wav)  # the sibling train.py
+from train import (InstrumentJudge, TimbreClassifier, fail, frame_size, generate, load_checkpoint, melody,
+                   mu_law_decode, pitch_track, read_wav, render, write_wav)  # the sibling train.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
 from common import get_device, seed_everything, synchronize
@@ -179,6 +178,10 @@ def main():
           f"real-time factor {total / rate / seconds:.2f} (above 1 is faster than real time)")
     centres = ckpt.get("timbre_centres")  # the timbre judge of the built-in instruments, if training had one
     timbre = TimbreClassifier(domains, centres.cpu().numpy(), rate) if centres is not None else None
+    if ckpt.get("judge"):  # recordings: the judge learnt from the training clips
+        judge = InstrumentJudge(domains, rate)
+        judge.load_state_dict(ckpt["judge"])
+        timbre = judge.hears
     show(audio, result, domains, rate, timbre, args.show)
     print("listen in this order:")
     print(f"  {source}  (the input)")

@@ -9,6 +9,7 @@ Translation: encode any input, decode with the target instrument's decoder.
 
     python umtn/train.py                        # three synthesised instruments: pluck, organ, reed
     python umtn/train.py --data medley          # one sub-folder of .wav files per instrument
+    python umtn/train.py --data bach/train --test-data bach/test   # held-out clips from their own folder
     torchrun --nproc_per_node=2 umtn/train.py   # DistributedDataParallel: Gloo on CPU, NCCL on CUDA
     python umtn/sample.py input.wav --to organ --out out.wav
 
@@ -19,9 +20,12 @@ of a held-out melody is known, and the end of training scores every translation 
 written notes (raw pitch accuracy), a timbre classifier (does it sound like the target?) and
 the true rendering (log-mel distance), beside a topline (the target's decoder on the code of
 the true target rendering) and two baselines (the untranslated input; the code of silence).
-umtn/README.md shows what a working run prints.
+On recordings the same report scores pitch against each clip's notes (NAME.csv beside
+NAME.wav: onset_s,offset_s,midi) or, without them, against the clip's own f0, and timbre by a
+judge learnt from the training clips. umtn/README.md shows what a working run prints.
 """
 import argparse
+import csv
 import math
 from collections import deque
 import os
@@ -428,27 +432,61 @@ def mu_law_decode(q):
     return torch.sign(y) * ((1 + MU) ** y.abs() - 1) / MU
 
 
+def read_notes(path, rate):
+    """A clip's notes from NAME.csv beside NAME.wav: a header naming onset_s, offset_s and midi, then
+    one note per row (seconds, seconds, MIDI number) -> [(start, length, pitch)] in samples at
+    `rate`, the format of the built-in scores. A bad row stops the script with one line naming the
+    file and the row (the header is row 1, as a spreadsheet counts)."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    missing = [c for c in ("onset_s", "offset_s", "midi") if c not in header]
+    if missing:
+        fail(f"{path} row 1: the header lacks {', '.join(missing)}: write onset_s,offset_s,midi")
+    columns = [header.index(c) for c in ("onset_s", "offset_s", "midi")]
+    notes = []
+    for k, row in enumerate(rows[1:], start=2):
+        if not any(c.strip() for c in row):
+            continue  # a blank line
+        try:
+            onset, offset, midi = (float(row[c]) for c in columns)
+        except IndexError:
+            fail(f"{path} row {k}: {len(row)} columns, the header names {len(header)}")
+        except ValueError:
+            fail(f"{path} row {k}: onset_s, offset_s and midi must be numbers, not {','.join(row)!r}")
+        if not (math.isfinite(onset) and onset >= 0 and offset > onset and 0 < midi < 128):
+            fail(f"{path} row {k}: a note needs 0 <= onset_s < offset_s and a MIDI number from 1 to 127, "
+                 f"not {','.join(row)!r}")
+        notes.append((round(onset * rate), round((offset - onset) * rate), midi))
+    return notes
+
+
 def folder_audio(data, rate):
-    """{domain: [clip, ...]} from DIR/<domain>/*.wav; unreadable files are skipped with a warning."""
+    """{domain: [clip, ...]} from DIR/<domain>/*.wav, and {domain: [notes or None, ...]} from the
+    NAME.csv beside each NAME.wav where there is one (see read_notes); unreadable WAV files are
+    skipped with a warning."""
     root = Path(data)
     if not root.is_dir():
         fail(f"--data {data} is not a folder: give a folder with one sub-folder of .wav files per domain")
-    out = {}
+    out, scores = {}, {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        clips = []
+        clips, notes = [], []
         for path in sorted(p for p in folder.iterdir() if p.suffix.lower() == ".wav"):
             try:
                 clips.append(read_wav(path, rate))
             except ValueError as e:
                 print(f"warning: skipping {path}: {e}", file=sys.stderr)
+                continue
+            score = path.with_suffix(".csv")
+            notes.append(read_notes(score, rate) if score.is_file() else None)
         if len(clips) >= 2:
-            out[folder.name] = clips
+            out[folder.name], scores[folder.name] = clips, notes
         else:
             print(f"warning: skipping domain {folder.name}: it needs at least 2 readable .wav files (train "
                   "and test)", file=sys.stderr)
     if len(out) < 2:
         fail(f"--data {data} has {len(out)} usable domain(s): need at least 2 sub-folders of .wav files")
-    return out
+    return out, scores
 
 
 # ----------------------------------------------------------------------------- training
@@ -713,17 +751,85 @@ class TimbreClassifier:
         return self.domains[int(((self.centres - partial_levels(x, pitch, self.rate)) ** 2).sum(1).argmin())]
 
 
+class InstrumentJudge(nn.Module):
+    """Which instrument does a recording sound like, on any data? A small network on the shape of
+    the log-mel spectrum over quarter-second windows of the frames where something plays (each
+    window's mean, relative to its loudest band, and its spread over time). `fit` trains it on the
+    training clips of every domain, clean and with the decoders' levels of sampling noise (+-2, 4 and
+    6 mu-law classes), so that a decoder's noise is not heard as a timbre. A clip's verdict is the
+    mean of its windows' log-probabilities. Its state_dict travels in the checkpoint."""
+
+    def __init__(self, domains, rate, n_mels=40, hidden=64):
+        super().__init__()
+        self.domains, self.rate = list(domains), rate
+        bank = mel_bank(rate, frame_size(rate), n_mels)
+        self.register_buffer("bank", torch.tensor(bank, dtype=torch.float32))  # (n_mels, bins)
+        self.register_buffer("mean", torch.zeros(2 * n_mels))  # of the training features
+        self.register_buffer("std", torch.ones(2 * n_mels))
+        self.net = nn.Sequential(nn.Linear(2 * n_mels, hidden), nn.ReLU(), nn.Linear(hidden, len(domains)))
+
+    def features(self, x, window=16):
+        """x (T,) audio -> (windows, 2 n_mels): per window of 16 frames (about 0.25 s), the mean log-mel
+        spectrum relative to its loudest band, and each band's spread over the window (dB)."""
+        size = frame_size(self.rate)
+        power = torch.from_numpy(np.abs(np.fft.rfft(frames(x, size, size // 4), axis=1)) ** 2).float()
+        level = 10 * torch.log10(power @ self.bank.T + 1e-10)  # (frames, n_mels)
+        loud = level.amax(1)
+        level = level[loud > loud.max() - 30]  # the frames where something plays
+        n = max(1, len(level) // window)
+        w = level[:n * window].reshape(n, -1, level.shape[1]) if len(level) >= window else level[None]
+        shape = w.mean(1) - w.mean(1).amax(1, keepdim=True)
+        return torch.cat([shape, w.std(1, unbiased=False)], 1).clamp_min(-80)
+
+    def forward(self, features):  # (windows, 2 n_mels) -> (windows, domains) logits
+        return self.net((features - self.mean) / self.std)
+
+    @torch.no_grad()
+    def hears(self, x, pitch=None):
+        """The domain a clip x (T,) sounds like (`pitch` is ignored: the judge needs no score)."""
+        return self.domains[int(self(self.features(x)).log_softmax(1).mean(0).argmax())]
+
+    @classmethod
+    def fit(cls, clips_by_domain, rate, steps=600, seconds=20.0, seed=0):
+        """Trained on up to `seconds` of each training clip, clean and noisy, 256 windows a step."""
+        judge, g = cls(clips_by_domain, rate), np.random.default_rng(seed)
+        feats, labels = [], []
+        for d, clips in enumerate(clips_by_domain.values()):
+            for c in clips:
+                c = c[:int(seconds * rate)]
+                for width in (0, 2, 4, 6):
+                    f = judge.features(mu_law_noise(c, width, int(g.integers(1 << 30))) if width else c)
+                    feats.append(f)
+                    labels += [d] * len(f)
+        feats, labels = torch.cat(feats), torch.tensor(labels)
+        judge.mean.copy_(feats.mean(0))
+        judge.std.copy_(feats.std(0) + 1e-3)
+        torch.manual_seed(seed)
+        opt = torch.optim.Adam(judge.net.parameters(), lr=3e-3, weight_decay=1e-4)
+        for _ in range(steps):
+            pick = torch.randint(0, len(feats), (256,))
+            loss = F.cross_entropy(judge(feats[pick]), labels[pick])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return judge.eval()
+
+
+def mel_bank(rate, size, n_mels=40):
+    """(n_mels, size // 2 + 1) triangular filters on the mel scale, from 50 Hz to half the rate."""
+    mel = lambda f: 2595 * np.log10(1 + f / 700)
+    edges = 700 * (10 ** (np.linspace(mel(50.0), mel(rate / 2), n_mels + 2) / 2595) - 1)
+    f = np.fft.rfftfreq(size, 1 / rate)
+    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    return np.clip(np.minimum((f - lo) / (mid - lo), (hi - f) / (hi - mid)), 0, None)
+
+
 def log_mel_distance(x, y, rate, floor_db=40.0, n_mels=40):
     """Mean over frames of the RMS difference (dB) of the log mel spectra of output x and target y,
     both floored 40 dB below the target's peak. Mel bands (40, from 50 Hz to half the rate) pool the
     bins between partials, where a clean rendering is silent and any sampled output is not."""
     size = frame_size(rate)
-    mel = lambda f: 2595 * np.log10(1 + f / 700)
-    edges = 700 * (10 ** (np.linspace(mel(50.0), mel(rate / 2), n_mels + 2) / 2595) - 1)
-    f = np.fft.rfftfreq(size, 1 / rate)
-    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
-    # (n_mels, bins) triangles
-    bank = np.clip(np.minimum((f - lo) / (mid - lo), (hi - f) / (hi - mid)), 0, None)
+    bank = mel_bank(rate, size, n_mels)
     X, Y = ((np.abs(np.fft.rfft(frames(v, size, size // 4), axis=1)) ** 2) @ bank.T for v in (x, y))
     floor = Y.max() * 10 ** (-floor_db / 10) + 1e-12
     return float(np.sqrt(((10 * np.log10(np.maximum(X, floor) / np.maximum(Y, floor))) ** 2).mean(1)).mean())
@@ -781,6 +887,94 @@ def translation_report(model, test, scores, rate, device, seconds, timbre, tempe
         r["joint"] = [p >= 0.8 and h for p, h in zip(r["pitch"], r["target"])]
     who = {**jobs, "input": jobs["translation"]}  # the (source, target, melody) of each row
     return rows, who, {k: outputs[("translation", k)] for k in range(len(jobs["translation"]))}
+
+
+def pitch_kept(x, source, rate):
+    """Without a score: the share of the frames where the source clip has a pitch in which output x
+    plays within 50 cents of it (unvoiced output frames count as wrong), and the median offset in
+    cents over the frames where both have one."""
+    f0_in, f0_out = pitch_track(source, rate), pitch_track(x, rate)
+    n = min(len(f0_in), len(f0_out))
+    f0_in, f0_out = f0_in[:n], f0_out[:n]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cents = 1200 * np.log2(f0_out[f0_in > 0] / f0_in[f0_in > 0])
+    both = cents[np.isfinite(cents)]
+    return (float((np.abs(cents) < 50).sum() / max(1, len(cents))),
+            float(np.median(both)) if len(both) else float("nan"))
+
+
+def window_of(clip, notes, n, start=None):
+    """n samples of a clip from where it starts to play (its first note, or its first sample above a
+    tenth of its peak), zero-padded, and its notes moved to that window."""
+    if start is None:
+        start = notes[0][0] if notes else int(np.argmax(np.abs(clip) > 0.1 * np.abs(clip).max()))
+        start = max(0, min(start, len(clip) - n))
+    x = np.pad(clip[start:start + n], (0, max(0, n - len(clip[start:]))))
+    moved = None if notes is None else [(max(0, a - start), b + min(0, a - start), p) for a, b, p in notes
+                                        if a + b > start and a < start + n]
+    return x, moved, start
+
+
+def parallel(notes, rate):
+    """Whether the held-out clips are the same lines in every domain: as many clips, and clip i's
+    notes the same pitches at the same times (within 10 ms) in every domain."""
+    lists = list(notes.values())
+    if len({len(clips) for clips in lists}) > 1 or any(v is None for clips in lists for v in clips):
+        return False
+    alike = lambda a, b: len(a) == len(b) and all(abs(x[0] - y[0]) <= 0.01 * rate and x[2] == y[2]
+                                                  for x, y in zip(a, b))
+    return all(alike(lists[0][i], other[i]) for other in lists[1:] for i in range(len(other)))
+
+
+def folder_report(model, test, test_notes, rate, device, seconds, judge, temperature=1.0, seed=0):
+    """translation_report for recordings: every held-out clip (a `seconds` window of it) translated
+    into every other domain and scored for pitch (against its notes where it has them, else against
+    its own f0) and timbre (the judge), beside the topline (each clip through its own domain's
+    decoder), the untranslated input and the code of silence. When the clips are parallel, the log-mel
+    distance to the true rendering in the target domain too (else nan)."""
+    domains = list(test)
+    n = int(seconds * rate) // model.encoder.pool * model.encoder.pool
+    same = parallel(test_notes, rate)
+    windows = {}
+    for d in domains:
+        for i, clip in enumerate(test[d]):
+            start = window_of(test[domains[0]][i], test_notes[domains[0]][i], n)[2] if same else None
+            windows[d, i] = window_of(clip, test_notes[d][i], n, start)[:2]
+    jobs = {"translation": [(s, t, i) for s in range(len(domains)) for t in range(len(domains)) if s != t
+                            for i in range(len(test[domains[s]]))],
+            "topline": [(t, t, i) for t in range(len(domains)) for i in range(len(test[domains[t]]))],
+            "silence": [(None, t, i) for t in range(len(domains)) for i in range(len(test[domains[t]]))]}
+    per_target = [[(kind, k) for kind in jobs for k, job in enumerate(jobs[kind]) if job[1] == t]
+                  for t in range(len(domains))]
+    width = max(len(rows) for rows in per_target)  # targets get equal batches: padded with silence
+    audio_of = lambda kind, k: (np.zeros(n, np.float32) if kind is None or kind == "silence"
+                                else windows[domains[jobs[kind][k][0]], jobs[kind][k][2]][0])
+    model.eval()
+    with torch.inference_mode():
+        inputs = [torch.stack([torch.from_numpy(np.float32(audio_of(kind, k))) for kind, k in rows]
+                              + [torch.zeros(n)] * (width - len(rows))) for rows in per_target]
+        z = torch.stack([model.encoder(x.to(device)) for x in inputs])
+        audio = mu_law_decode(generate(list(model.decoders), z, n, temperature, seed)).cpu().numpy()
+    model.train()
+    outputs = {key: audio[t, j] for t, rows in enumerate(per_target) for j, key in enumerate(rows)}
+    rows = {kind: {"pitch": [], "target": [], "mel": [], "cents": []}
+            for kind in ("translation", "topline", "input", "silence")}
+    for kind, todo in (*jobs.items(), ("input", jobs["translation"])):
+        for k, (s, t, i) in enumerate(todo):
+            source, notes = windows[domains[t if s is None else s], i]
+            out = source if kind == "input" else outputs[(kind, k)]
+            if notes is not None:
+                pitch, cents = raw_pitch_accuracy(out, notes, rate), pitch_offset(out, notes, rate)
+            else:
+                pitch, cents = pitch_kept(out, source, rate)
+            rows[kind]["pitch"].append(pitch)
+            rows[kind]["cents"].append(cents)
+            rows[kind]["target"].append(judge.hears(out) == domains[t])
+            rows[kind]["mel"].append(log_mel_distance(out, windows[domains[t], i][0], rate) if same
+                                     else float("nan"))
+    for r in rows.values():
+        r["joint"] = [p >= 0.8 and h for p, h in zip(r["pitch"], r["target"])]
+    return rows, {**jobs, "input": jobs["translation"]}, same
 
 
 def latent_codes(model, clips, scores, rate, device, skip=0.02):
@@ -849,7 +1043,8 @@ def latent_probe(model, train, train_scores, test, test_scores, rate, device, se
 
 def print_report(rows, who, domains, say):
     """The scoreboard: each kind of output with 95% intervals, then translation per ordered pair."""
-    fmt = lambda v, pct: (f"{100 * v[0]:5.1f}% [{100 * v[1]:.0f}-{100 * v[2]:.0f}]" if pct
+    fmt = lambda v, pct: ("-" if not np.isfinite(v[0]) else
+                          f"{100 * v[0]:5.1f}% [{100 * v[1]:.0f}-{100 * v[2]:.0f}]" if pct
                           else f"{v[0]:5.2f} [{v[1]:.1f}-{v[2]:.1f}]")
     cols = (("pitch", "pitch accuracy", True), ("target", "hears the target", True),
             ("mel", "log-mel dist (dB)", False),
@@ -971,6 +1166,9 @@ def main():
                              "end (default: %(default)s)")
     parser.add_argument("--test-frac", type=float, default=0.1,
                         help="folder data: held-out files per domain (default: %(default)s)")
+    parser.add_argument("--test-data", default=None,
+                        help="folder data: hold out this folder's clips (the same sub-folder names) instead "
+                             "of --test-frac of --data's")
     parser.add_argument("--rate", type=int, default=4000,
                         help="sample rate of the model; the reference used 16000 (default: %(default)s)")
     parser.add_argument("--segment", type=int, default=1024,
@@ -1070,11 +1268,21 @@ def main():
         test = {d: clips[args.melodies:] for d, clips in audio.items()}
         train_scores, test_scores = tunes[:args.melodies], tunes[args.melodies:]
     else:
-        for d, clips in folder_audio(args.data, args.rate).items():
-            order = list(range(len(clips)))
-            random.Random(args.seed).shuffle(order)
-            n_test = max(1, round(args.test_frac * len(clips)))
-            test[d], train[d] = [clips[i] for i in order[:n_test]], [clips[i] for i in order[n_test:]]
+        audio, notes = folder_audio(args.data, args.rate)
+        if args.test_data:
+            test, test_scores = folder_audio(args.test_data, args.rate)
+            if sorted(test) != sorted(audio):
+                fail(f"--test-data {args.test_data} holds {', '.join(sorted(test))}, but --data holds "
+                     f"{', '.join(sorted(audio))}: give both the same sub-folders")
+            train, test, test_scores = audio, {d: test[d] for d in audio}, {d: test_scores[d] for d in audio}
+        else:
+            test_scores = {}
+            for d, clips in audio.items():
+                order = list(range(len(clips)))
+                random.Random(args.seed).shuffle(order)
+                n_test = max(1, round(args.test_frac * len(clips)))
+                test[d], train[d] = [clips[i] for i in order[:n_test]], [clips[i] for i in order[n_test:]]
+                test_scores[d] = [notes[d][i] for i in order[:n_test]]
     domains = list(train)
     if args.batch_size < len(domains):
         fail(f"--batch-size {args.batch_size} is smaller than the {len(domains)} domains: every batch needs "
@@ -1167,10 +1375,18 @@ def main():
             break
     first_bits = first_rec.item() / math.log(2)
     train_time = time.time() - t_start
-    timbre = None
+    timbre = judge = None
     if rank == 0 and args.data == "builtin":  # a judge of timbre for the evaluation and for sample.py
         timbre = TimbreClassifier.fit({d: clips[:24] for d, clips in train.items()}, train_scores[:24],
                                       args.rate)
+    elif rank == 0:  # recordings have no score to read the partials at: a learned judge
+        t0 = time.time()
+        judge = InstrumentJudge.fit(train, args.rate, steps=60 if args.dry_run else 600, seed=args.seed)
+        heard = {w: [judge.hears(mu_law_noise(c, w, 0) if w else c) == d for d, clips in test.items()
+                     for c in clips] for w in (0, 4)}
+        say(f"instrument judge, trained on the training clips ({time.time() - t0:.1f}s): right on "
+            f"{100 * np.mean(heard[0]):.1f}% of the held-out clips, {100 * np.mean(heard[4]):.1f}% with a "
+            "decoder's sampling noise (+-4 mu-law classes)")
     if rank == 0:
         save_checkpoint({"kind": "umtn", "model": model.state_dict(), "classifier": classifier.state_dict(),
                          "optimizer": opt.state_dict(), "model_args": model_args, "domains": domains,
@@ -1178,6 +1394,7 @@ def main():
                          # float32: MPS has no float64
                          "timbre_centres": (torch.tensor(timbre.centres, dtype=torch.float32) if timbre
                                             else None),
+                         "judge": judge.state_dict() if judge else None,
                          "step": step, "config": vars(args)}, out)
         say(f"saved {out}")
 
@@ -1219,6 +1436,24 @@ def main():
             f"{100 / len(domains):.1f}%); the written note in {pct['note_linear']} by a linear probe, "
             f"{pct['note']} from 21 frames (the commonest note {pct['common_note']})")
         result += "".join(f" probe_{k}={100 * v:.1f}" for k, v in probe.items())
+    if rank == 0 and args.data != "builtin" and args.eval_seconds > 0:
+        t0 = time.time()
+        rows, who, same = folder_report(model, test, test_scores, args.rate, device, args.eval_seconds, judge,
+                                        args.temperature)
+        say(f"translation of every held-out clip ({args.eval_seconds:.1f} s of each) into every other "
+            f"domain ({len(who['translation'])} clips), in {time.time() - t0:.1f}s; pitch against the "
+            "clip's notes where it has a .csv, else against its own f0; "
+            + ("the clips are parallel, so the log-mel distance is to the true rendering"
+               if same else "the clips are not parallel: no true rendering to compare spectra with"))
+        print_report(rows, who, domains, say)
+        for kind, prefix in (("translation", ""), ("topline", "topline_"), ("input", "input_"),
+                             ("silence", "silence_")):
+            r = rows[kind]
+            result += (f" {prefix}pitch_acc={100 * np.mean(r['pitch']):.1f} "
+                       f"{prefix}timbre_acc={100 * np.mean(r['target']):.1f}"
+                       f" {prefix}mel_dist={np.mean(r['mel']):.2f} "
+                       f"{prefix}joint={100 * np.mean(r['joint']):.1f}")
+        result += f" judge_clean={100 * np.mean(heard[0]):.1f} judge_noisy={100 * np.mean(heard[4]):.1f}"
     say(result)
     if distributed:
         dist.destroy_process_group()
