@@ -947,7 +947,7 @@ def folder_report(model, test, test_notes, rate, device, seconds, judge, tempera
     per_target = [[(kind, k) for kind in jobs for k, job in enumerate(jobs[kind]) if job[1] == t]
                   for t in range(len(domains))]
     width = max(len(rows) for rows in per_target)  # targets get equal batches: padded with silence
-    audio_of = lambda kind, k: (np.zeros(n, np.float32) if kind is None or kind == "silence"
+    audio_of = lambda kind, k: (np.zeros(n, np.float32) if kind == "silence"
                                 else windows[domains[jobs[kind][k][0]], jobs[kind][k][2]][0])
     model.eval()
     with torch.inference_mode():
