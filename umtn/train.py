@@ -1079,6 +1079,17 @@ def print_report(rows, who, domains, say):
         + "; topline " + ", ".join(f"{d} {offset('topline', t)}" for t, d in enumerate(domains)))
 
 
+def result_fields(rows):
+    """The report's means as `key=value` fields of the result line: translation_, topline_, input_
+    and silence_ pitch, timbre, log-mel distance and joint score."""
+    return "".join(f" {prefix}pitch_acc={100 * np.mean(r['pitch']):.1f}"
+                   f" {prefix}timbre_acc={100 * np.mean(r['target']):.1f}"
+                   f" {prefix}mel_dist={np.mean(r['mel']):.2f}"
+                   f" {prefix}joint={100 * np.mean(r['joint']):.1f}"
+                   for kind, prefix in (("translation", ""), ("topline", "topline_"), ("input", "input_"),
+                                        ("silence", "silence_")) for r in [rows[kind]])
+
+
 # ----------------------------------------------------------------------------- built-in instruments
 # Three timbres play the same melodies, so the true translation of every input is known:
 #   pluck: a Karplus-Strong string (its plucked shape circulating in a damped delay loop): bright
@@ -1418,13 +1429,7 @@ def main():
             "true renderings, "
             f"{100 * np.mean(rows['topline']['target']):.1f}% of the decoders' reconstructions (topline)")
         print_report(rows, who, domains, say)
-        for kind, prefix in (("translation", ""), ("topline", "topline_"), ("input", "input_"),
-                             ("silence", "silence_")):
-            r = rows[kind]
-            result += (f" {prefix}pitch_acc={100 * np.mean(r['pitch']):.1f} "
-                       f"{prefix}timbre_acc={100 * np.mean(r['target']):.1f}"
-                       f" {prefix}mel_dist={np.mean(r['mel']):.2f} "
-                       f"{prefix}joint={100 * np.mean(r['joint']):.1f}")
+        result += result_fields(rows)
         result += f" classifier_clean={100 * clean:.1f}"
         t0 = time.time()
         probe = latent_probe(model, train, train_scores, test, test_scores, args.rate, device,
@@ -1446,13 +1451,7 @@ def main():
             + ("the clips are parallel, so the log-mel distance is to the true rendering"
                if same else "the clips are not parallel: no true rendering to compare spectra with"))
         print_report(rows, who, domains, say)
-        for kind, prefix in (("translation", ""), ("topline", "topline_"), ("input", "input_"),
-                             ("silence", "silence_")):
-            r = rows[kind]
-            result += (f" {prefix}pitch_acc={100 * np.mean(r['pitch']):.1f} "
-                       f"{prefix}timbre_acc={100 * np.mean(r['target']):.1f}"
-                       f" {prefix}mel_dist={np.mean(r['mel']):.2f} "
-                       f"{prefix}joint={100 * np.mean(r['joint']):.1f}")
+        result += result_fields(rows)
         result += f" judge_clean={100 * np.mean(heard[0]):.1f} judge_noisy={100 * np.mean(heard[4]):.1f}"
     say(result)
     if distributed:
