@@ -90,25 +90,52 @@ class ShapesDataset(Dataset):
         return self.images[i], self.labels[i]  # (1, 16, 16), ()
 
 
+def make_loaders(args, device):
+    """The training and validation sets come from different seeds, so they differ."""
+    train_set = ShapesDataset(args.train_size, args.seed)
+    val_set = ShapesDataset(args.val_size, args.seed + 1)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=args.batch_size,
+        shuffle=True,  # a new order every epoch
+        num_workers=args.workers,  # >0 loads batches in parallel processes (helps when loading is slow)
+        pin_memory=device.type == "cuda",  # page-locked host memory makes copies to the GPU faster
+        drop_last=True,  # every step sees a full batch
+    )
+    val_loader = DataLoader(val_set, batch_size=512, shuffle=False)
+    print(f"data: {len(train_set)} train / {len(val_set)} val images of {tuple(train_set[0][0].shape)}, "
+          f"classes {CLASSES}")
+    return train_loader, val_loader
+
+
 # ----------------------------------------------------------------------------- training
 
 
+def train_step(model, images, labels, optimizer, scaler, amp_dtype):
+    """The blitz's five steps on one batch; returns the loss (a tensor: no wait for the GPU)."""
+    optimizer.zero_grad(set_to_none=True)  # 1. clear the gradients of the last step
+    with autocast(images.device, amp_dtype):  # --amp: the forward pass in bf16 or fp16 where faster
+        logits = model(images)  # 2. forward
+        loss = F.cross_entropy(logits, labels)  # 3. loss
+    if not scaler.is_enabled():
+        loss.backward()  # 4. backward: fill .grad of every parameter
+        optimizer.step()  # 5. update the parameters
+    else:  # fp16 mixed precision: the loss scaled up so small gradients do not round to zero
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # unscales first; skips the step if a gradient overflowed
+        scaler.update()
+    return loss
+
+
 def train_epoch(model, loader, optimizer, scheduler, scaler, device, amp_dtype):
-    """One pass over the training set, the blitz's five steps per batch. Returns the mean loss
-    as a tensor on the device: loss.item() per step would make the CPU wait for the GPU."""
+    """One pass over the training set. Returns the mean loss as a tensor on the device:
+    loss.item() per step would make the CPU wait for the GPU."""
     model.train()  # training behaviour for dropout and batch norm
     loss_sum = torch.zeros((), device=device)
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)  # 1. clear the gradients of the last step
-        with autocast(device, amp_dtype):  # --amp: the forward pass in bf16 or fp16 where faster
-            logits = model(images)  # 2. forward
-            loss = F.cross_entropy(logits, labels)  # 3. loss
-        scaler.scale(loss).backward()  # 4. backward: fill .grad of every parameter
-        scaler.step(optimizer)  # 5. update the parameters (with the scaler off, 4 and 5 are
-        scaler.update()  #         plain loss.backward() and optimizer.step())
+        loss_sum += train_step(model, images, labels, optimizer, scaler, amp_dtype).detach()
         scheduler.step()  # the learning rate follows its schedule, per step
-        loss_sum += loss.detach()
     return loss_sum / len(loader)
 
 
@@ -126,6 +153,35 @@ def save_checkpoint(obj, path):
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def fit(model, model_args, train_loader, val_loader, args, device, amp_dtype, needs_scaler):
+    """Train for args.epochs, validate after each, keep the best checkpoint; returns its accuracy."""
+    optimizer = make_optimizer(model, args.lr, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see common.choose_precision
+    # One-cycle schedule (Smith & Topin 2018): warm up, then anneal; converges in few epochs.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr,
+                                                    total_steps=args.epochs * len(train_loader))
+    best_acc, start = -1.0, time.time()
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.time()
+        loss = train_epoch(model, train_loader, optimizer, scheduler, scaler, device, amp_dtype)
+        synchronize(device)  # GPU work runs behind the Python code: wait for it before reading the clock
+        dt, elapsed = time.time() - t0, time.time() - start
+        val_loss, val_acc = evaluate(model, val_loader, device)
+        print(f"epoch {epoch}/{args.epochs} | loss {loss.item():.4f} | "
+              f"{len(train_loader) * args.batch_size / dt:,.0f} img/s | {1000 * dt / len(train_loader):.1f} "
+              f"ms/step | elapsed {elapsed:.1f}s | eta {elapsed / epoch * (args.epochs - epoch):.1f}s | "
+              f"val loss {val_loss:.4f} acc {100 * val_acc:.1f}%")
+        if val_acc > best_acc:  # keep the best model seen so far
+            best_acc = val_acc
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "model_args": model_args,
+                             "classes": CLASSES,
+                             "epoch": epoch, "best_val_acc": best_acc, "config": vars(args),
+                             "kind": "blitz"},  # sample.py refuses checkpoints of other models
+                            Path(args.out))
+    return best_acc
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -171,7 +227,7 @@ def make_shapes(n, seed, size=IMAGE_SIZE):
 # ----------------------------------------------------------------------------- main
 
 
-def main():
+def get_args():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=8,
@@ -203,25 +259,16 @@ def main():
     args = parser.parse_args()
     if args.dry_run:  # pytorch/examples' --dry-run: the whole script once, on the smallest data
         args.epochs, args.train_size, args.val_size = 1, 2 * args.batch_size, args.batch_size
+    return args
+
+
+def main():
+    args = get_args()
     print("settings:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
     seed_everything(args.seed, args.deterministic)
     device = get_device(args.device)
     amp_dtype, needs_scaler = precision_for(device, args.amp)  # common.py: the same rule in every train.py
-
-    # Data: the training and validation sets come from different seeds, so they differ.
-    train_set, val_set = ShapesDataset(args.train_size,
-                                       args.seed), ShapesDataset(args.val_size, args.seed + 1)
-    train_loader = DataLoader(
-        train_set,
-        batch_size=args.batch_size,
-        shuffle=True,  # a new order every epoch
-        num_workers=args.workers,  # >0 loads batches in parallel processes (helps when loading is slow)
-        pin_memory=device.type == "cuda",  # page-locked host memory makes copies to the GPU faster
-        drop_last=True,  # every step sees a full batch
-    )
-    val_loader = DataLoader(val_set, batch_size=512, shuffle=False)
-    print(f"data: {len(train_set)} train / {len(val_set)} val images of {tuple(train_set[0][0].shape)}, "
-          f"classes {CLASSES}")
+    train_loader, val_loader = make_loaders(args, device)
 
     model_args = dict(channels=args.channels, hidden=64, n_classes=len(CLASSES))
     model = Net(**model_args).to(device)
@@ -229,44 +276,11 @@ def main():
     print(f"model: {n_params:,} parameters on {device}, autocast {precision_name(amp_dtype, needs_scaler)}")
     print(model)
 
-    optimizer = make_optimizer(model, args.lr, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see common.choose_precision
-    steps_per_epoch = len(train_loader)
-    # One-cycle schedule (Smith & Topin 2018): warm up, then anneal; converges in few epochs.
-    total_steps = args.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps)
-    out = Path(args.out)
-    best_acc, start = -1.0, time.time()
-    for epoch in range(1, args.epochs + 1):
-        t0 = time.time()
-        loss = train_epoch(model, train_loader, optimizer, scheduler, scaler, device, amp_dtype)
-        synchronize(device)  # GPU work runs behind the Python code: wait for it before reading the clock
-        dt = time.time() - t0
-        elapsed = time.time() - start
-        val_loss, val_acc = evaluate(model, val_loader, device)
-        print(f"epoch {epoch}/{args.epochs} | loss {loss.item():.4f} | "
-              f"{steps_per_epoch * args.batch_size / dt:,.0f} img/s | {1000 * dt / steps_per_epoch:.1f} "
-              "ms/step | "
-              f"elapsed {elapsed:.1f}s | eta {elapsed / epoch * (args.epochs - epoch):.1f}s | "
-              f"val loss {val_loss:.4f} acc {100 * val_acc:.1f}%")
-        if val_acc > best_acc:  # keep the best model seen so far
-            best_acc = val_acc
-            save_checkpoint({
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "model_args": model_args,
-                "classes": CLASSES,
-                "epoch": epoch,
-                "best_val_acc": best_acc,
-                "config": vars(args),
-                "kind": "blitz",  # sample.py refuses checkpoints of other models
-            }, out)
-    train_seconds = time.time() - start
-    print(f"saved best checkpoint to {out}")
+    start = time.time()
+    best_acc = fit(model, model_args, train_loader, val_loader, args, device, amp_dtype, needs_scaler)
+    print(f"saved best checkpoint to {args.out}")
     print(f"result: val_acc={100 * best_acc:.2f} chance=25.00 epochs={args.epochs} "
-          f"train_seconds={train_seconds:.1f}")
-
+          f"train_seconds={time.time() - start:.1f}")
 
 if __name__ == "__main__":
     main()

@@ -254,6 +254,18 @@ def build_model(name, width, act="gelu", whiten_bias=False):
     fail(f"unknown --model {name}: choose airbench, resnet or lenet")
 
 
+def build_net(args, train_x, mean, std, device):
+    """The network the settings name, on the device; airbench's whitening set from training images."""
+    model_args = dict(name=args.model, width=args.width)
+    if args.model == "airbench":
+        model_args.update(act=args.act, whiten_bias=args.whiten_bias_epochs > 0)
+    # NHWC (channels last): the layout oneDNN's CPU convolutions and tensor cores are fastest in
+    net = build_model(**model_args).to(device).to(memory_format=torch.channels_last)
+    if args.model == "airbench":
+        net.init_whitening(((train_x[:args.whiten_images].float() / 255) - mean) / std)
+    return net, model_args
+
+
 # ------------------------------------------------------------------ data: CIFAR-10, and batches on the device
 
 
@@ -387,20 +399,45 @@ class DeviceLoader:
         return x, self.labels[idx]
 
 
+def split_data(args, device, log):
+    """The data as uint8 images, a seeded validation split held out of training, and the
+    normalisation. Returns (train_x, train_y) on the device, (val_x, val_y), (test_x, test_y),
+    mean and std (1, 3, 1, 1) on the device, and the class names."""
+    train_x, train_y, test_x, test_y, classes = load_data(args)
+    perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed))
+    val_idx, train_idx = perm[:args.val_size], perm[args.val_size:]
+    val_x, val_y = train_x[val_idx], train_y[val_idx]
+    train_x, train_y = train_x[train_idx], train_y[train_idx]
+    if args.model == "lenet":  # the tutorial's Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        mean, std = torch.full((3,), 0.5), torch.full((3,), 0.5)
+    else:  # per-channel statistics of the training images
+        mean, std = (train_x.float() / 255).mean((0, 2, 3)), (train_x.float() / 255).std((0, 2, 3))
+    mean, std = mean.view(1, 3, 1, 1).to(device), std.view(1, 3, 1, 1).to(device)
+    log(f"data: {args.data}, {len(train_y)} train / {len(val_y)} val / {len(test_y)} test images, classes "
+        f"{classes}")
+    if args.dry_run:
+        test_x, test_y = test_x[:args.test_size], test_y[:args.test_size]
+    return (train_x.to(device), train_y.to(device)), (val_x, val_y), (test_x, test_y), mean, std, classes
+
+
 # ----------------------------------------------------------------------------- training
 
 
 def train_step(model, optimizer, scaler, x, y, label_smoothing, amp_dtype):
-    """One update on a batch x (B, 3, H, W) normalised, y (B,) labels. Returns the loss, left on the
-    device (reading it would make the CPU wait for the GPU)."""
+    """The blitz's five steps on a batch x (B, 3, H, W) normalised, y (B,) labels. Returns the loss,
+    left on the device (reading it would make the CPU wait for the GPU)."""
+    optimizer.zero_grad(set_to_none=True)
     with autocast(x.device, amp_dtype):
         # Label smoothing (Szegedy et al. 2016): aim for 0.8 on the true class, not 1.0, so
         # the network is not pushed to ever-larger logits; it generalises better.
         loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # with the scaler off (fp32, bf16) these three lines are plain
-    scaler.step(optimizer)  # backward() and step()
-    scaler.update()
+    if not scaler.is_enabled():
+        loss.backward()
+        optimizer.step()
+    else:  # fp16 mixed precision: the loss scaled up so small gradients do not round to zero
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # unscales first; skips the step if a gradient overflowed
+        scaler.update()
     return loss.detach()
 
 
@@ -497,6 +534,122 @@ def load_checkpoint(path):
     return ckpt
 
 
+def make_optimizer(net, args, recipe, device):
+    """SGD with Nesterov momentum, which converges faster than plain momentum at the same step size
+    (Sutskever et al. 2013). airbench: BN shifts learn bias_lr (64) times faster than the weights;
+    their weight decay is divided by as much, so the decay per step stays that of the other weights.
+    fused: one kernel updates every tensor, and with the GradScaler it skips overflowed steps on the
+    device instead of asking the host (a sync) at every step."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    whiten_bias = net.whiten.bias if args.model == "airbench" else None  # airbench: learns as the weights do
+    weights = [p for p in params if p.ndim > 1 or p is whiten_bias]
+    biases = [p for p in params if p.ndim <= 1 and p is not whiten_bias]
+    bias_decay = recipe["weight_decay"] / recipe["bias_lr"] if args.model == "airbench" else 0.0
+    optimizer = torch.optim.SGD([dict(params=weights, weight_decay=recipe["weight_decay"], lr=args.lr),
+                                 dict(params=biases, weight_decay=bias_decay,
+                                      lr=args.lr * recipe["bias_lr"])],
+                                momentum=recipe["momentum"], nesterov=args.model != "lenet",
+                                fused=device.type in ("cuda", "cpu"))
+    for group in optimizer.param_groups:
+        # the peak, which the schedule scales (PyTorch's schedulers use this key too)
+        group["initial_lr"] = group["lr"]
+    return optimizer
+
+
+class Progress:
+    """How far training is, from 0 at its start to 1 at its end: of the steps, or with --time-limit of
+    the seconds, so that warm-up, decay and averaging are laid over the budget whatever the speed.
+    Under torchrun rank 0's clock is shared, so that every process follows one schedule and stops
+    at the same step."""
+
+    def __init__(self, total_steps, budget, device, distributed, plan):
+        self.total_steps, self.budget, self.plan = total_steps, budget, plan
+        self.device, self.distributed = device, distributed
+        self.start, self.clock = time.time(), {}
+        self.shared = {"step": None, "p": 0.0, "pace": 0.0}  # the last progress rank 0 shared
+
+    def __call__(self, step):
+        if not self.budget:
+            return step / self.total_steps
+        if step in (3, 8):  # the plan, from the speed of steps 3-7 (the first pay for setup)
+            synchronize(self.device)  # a GPU's clock reading needs its queue emptied (twice per run)
+            self.clock[step] = time.time()
+            if step == 8:
+                self.plan((self.clock[8] - self.clock[3]) / 5)
+        p = (time.time() - self.start) / self.budget
+        if self.distributed:
+            # Reading the broadcast value makes the CPU wait for the device, so it is shared every 10
+            # steps with its pace per step, and every process extrapolates alike in between.
+            shared = self.shared
+            if shared["step"] is None or step - shared["step"] >= 10:
+                pace = (p - shared["p"]) / (step - shared["step"]) if shared["step"] is not None else 0.0
+                now = torch.tensor([p, pace], device=self.device)
+                dist.broadcast(now, 0)
+                (shared["p"], shared["pace"]), shared["step"] = now.tolist(), step
+            p = shared["p"] + (step - shared["step"]) * shared["pace"]
+        return p
+
+
+def fit(model, net, optimizer, scaler, loader, progress, lookahead, val, args, recipe, amp_dtype, state, save,
+        log):
+    """The epoch loop: train, validate the weights kept (the lookahead's slow copy), log, save. state:
+    (first epoch, best val accuracy, best weights), returned updated with the step reached."""
+    (epoch0, best_acc, best_state), step = state, state[0] * loader.steps_per_epoch
+    eval_net, whiten_bias = copy.deepcopy(net), getattr(getattr(net, "whiten", None), "bias", None)
+    p0 = 0.0 if args.time_limit else epoch0 / args.epochs
+    for epoch in itertools.count(epoch0) if args.time_limit else range(epoch0, args.epochs):
+        if whiten_bias is not None:  # airbench: the whitening bias trains for its first epochs only
+            whiten_bias.requires_grad_(epoch < args.whiten_bias_epochs)
+        t0 = time.time()
+        step, n_steps, loss_sum = train_epoch(model, optimizer, scaler, loader, epoch, step, progress, recipe,
+                                              amp_dtype, lookahead)
+        if n_steps == 0:
+            break
+        synchronize(loader.images.device)  # once per epoch: the GPU's work is done before the clock is read
+        dt = time.time() - t0
+        eval_net.load_state_dict(lookahead.averaged() if lookahead else net.state_dict())
+        val_acc = accuracy(eval_net, *val, loader.mean, loader.std, amp_dtype)
+        elapsed, p = time.time() - progress.start, progress(step)
+        planned = f"~{(epoch + 1) / max(p, 1e-9):.1f}" if args.time_limit else args.epochs
+        log(f"epoch {epoch + 1}/{planned} | "
+            f"loss {loss_sum.item() / n_steps:.4f} | {n_steps * args.batch_size / dt:,.0f} img/s | "
+            f"{1000 * dt / n_steps:.1f} ms/step | elapsed {elapsed:.0f}s | "
+            f"eta {elapsed / max(p - p0, 1e-9) * max(0.0, 1 - p):.0f}s | val acc {100 * val_acc:.2f}%")
+        if val_acc >= best_acc or best_state is None:
+            best_acc, best_state = val_acc, {k: v.detach().clone() for k, v in eval_net.state_dict().items()}
+        save(best_state, best_acc, epoch + 1)
+        if p >= 1:
+            break
+    return best_acc, best_state, step
+
+
+def resume_run(path, net, optimizer, scaler, lookahead, model_args, log):
+    """--resume: the run saved in --out continues where it stopped. Returns (first epoch, best
+    validation accuracy, best weights)."""
+    ckpt = load_checkpoint(path)
+    if ckpt["model_args"] != model_args:
+        fail(f"--resume: {path} holds a {ckpt['model_args']} model, not {model_args}")
+    net.load_state_dict(ckpt["resume"]["model"])
+    optimizer.load_state_dict(ckpt["resume"]["optimizer"])
+    if scaler.is_enabled() and ckpt["resume"].get("scaler"):
+        scaler.load_state_dict(ckpt["resume"]["scaler"])
+    if lookahead and ckpt["resume"].get("lookahead"):
+        device = next(net.parameters()).device
+        lookahead.slow = {k: v.to(device) for k, v in ckpt["resume"]["lookahead"].items()}
+    log(f"resumed {path} after epoch {ckpt['resume']['epoch']} "
+        f"(best val acc {100 * ckpt['best_val_acc']:.2f}%)")
+    return ckpt["resume"]["epoch"], ckpt["best_val_acc"], ckpt["model"]
+
+
+def run_checkpoint(meta, best_state, best_acc, epoch, net, optimizer, scaler, lookahead):
+    """What is saved after every epoch: the best epoch's (slow) weights, which sample.py uses, and
+    the state to --resume from."""
+    return {**meta, "model": best_state, "best_val_acc": best_acc,
+            "resume": {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                       "lookahead": lookahead.slow if lookahead else None,
+                       "scaler": scaler.state_dict()}}  # fp16: the loss scale reached; else empty
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -522,6 +675,29 @@ def predict(model, images, mean, std, device, amp_dtype, tta=0, batch_size=1000)
         with autocast(device, amp_dtype):
             out.append(tta_logits(model, x.contiguous(memory_format=torch.channels_last), tta).float())
     return torch.cat(out)
+
+
+def accuracy(model, images, labels, mean, std, amp_dtype):
+    """The share of images (uint8, on the host) whose top class is their label; 0 with no images."""
+    if not len(labels):
+        return 0.0
+    pred = predict(model, images, mean, std, mean.device, amp_dtype).argmax(1).cpu()
+    return (pred == labels).float().mean().item()
+
+
+def test_report(net, best_state, best_acc, test_x, test_y, mean, std, amp_dtype, args, classes, log):
+    """The best epoch's weights on the test set, which training never saw: accuracy, per class, and
+    the confusion matrix. Returns the accuracy."""
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    t0 = time.time()
+    pred = predict(net, test_x, mean, std, mean.device, amp_dtype, args.tta).argmax(1).cpu()
+    test_acc = (pred == test_y).float().mean().item()
+    log(f"saved {args.out}; best val acc {100 * best_acc:.2f}%; test accuracy of that model: "
+        f"{100 * test_acc:.2f}% (test-time augmentation level {args.tta}, {time.time() - t0:.1f} s)")
+    if log is print:
+        print_evaluation(confusion_matrix(pred, test_y, len(classes)), classes)
+    return test_acc
 
 
 def confusion_matrix(pred, true, n):
@@ -595,7 +771,8 @@ def make_shapes(n, seed):
 # ----------------------------------------------------------------------------- main
 
 
-def main():
+def get_args():
+    """The settings: the flags, over the chosen network's recipe. Returns args and the recipe."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="shapes", choices=["shapes", "cifar10"],
@@ -674,203 +851,82 @@ def main():
         fail(f"--early-crop {args.early_crop}: give a crop size from 8 to 32 (32: whole images all along)")
     if args.time_limit is not None and (args.time_limit <= 0 or args.resume):
         fail("--time-limit needs a positive number of seconds, and a fresh run (not --resume)")
+    return args, recipe
 
-    # Distributed: torchrun starts one process per GPU (or per CPU slot) and sets these variables.
-    # under torchrun, even with one process
+
+def setup_processes(args):
+    """Under torchrun (even with one process), one process per GPU or CPU slot; else one process.
+    Returns the device, this process's rank and local rank, the number of processes, and whether
+    training is distributed."""
     world, distributed = int(os.environ.get("WORLD_SIZE", 1)), "LOCAL_RANK" in os.environ
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if distributed:
-        device, backend = torchrun_device(args.device)  # GPU number local_rank (NCCL), or the CPU (Gloo)
-        if device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # share the cores
-        dist.init_process_group(backend)
-        if args.batch_size % world:
-            fail(f"--batch-size {args.batch_size} must divide evenly among {world} processes")
-    else:
-        device = get_device(args.device)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    # the same seed everywhere: every process starts from the same weights
-    seed_everything(args.seed, args.deterministic)
+    if not distributed:
+        return get_device(args.device), rank, local_rank, world, distributed
+    device, backend = torchrun_device(args.device)  # GPU number local_rank (NCCL), or the CPU (Gloo)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # share the cores
+    dist.init_process_group(backend)
+    if args.batch_size % world:
+        fail(f"--batch-size {args.batch_size} must divide evenly among {world} processes")
+    return device, rank, local_rank, world, distributed
+
+
+def main():
+    args, recipe = get_args()
+    device, rank, local_rank, world, distributed = setup_processes(args)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    seed_everything(args.seed, args.deterministic)  # the same seed everywhere: the same weights everywhere
     if device.type == "cuda" and not args.deterministic:
-        # the shapes never change: time cuDNN's algorithms once, keep the fastest
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = True  # the shapes never change: time cuDNN's algorithms once
     amp_dtype, needs_scaler = precision_for(device, args.amp, CPU_BF16)
     log("settings:", " ".join(f"{k}={v}" for k, v in vars(args).items()),
         f"world={world} autocast={precision_name(amp_dtype, needs_scaler)}")
+    (train_x, train_y), val, (test_x, test_y), mean, std, classes = split_data(args, device, log)
 
-    # ---- data, on the device as uint8; a seeded validation split held out of training
-    train_x, train_y, test_x, test_y, classes = load_data(args)
-    perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed))
-    val_idx, train_idx = perm[:args.val_size], perm[args.val_size:]
-    val_x, val_y = train_x[val_idx], train_y[val_idx]
-    train_x, train_y = train_x[train_idx], train_y[train_idx]
-    if args.model == "lenet":  # the tutorial's Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-        mean, std = torch.full((3,), 0.5), torch.full((3,), 0.5)
-    else:  # per-channel statistics of the training images
-        mean, std = (train_x.float() / 255).mean((0, 2, 3)), (train_x.float() / 255).std((0, 2, 3))
-    mean, std = mean.view(1, 3, 1, 1).to(device), std.view(1, 3, 1, 1).to(device)
-    train_x, train_y = train_x.to(device), train_y.to(device)
-    log(f"data: {args.data}, {len(train_y)} train / {len(val_y)} val / {len(test_y)} test images, classes "
-        f"{classes}")
-
-    if args.dry_run:
-        test_x, test_y = test_x[:args.test_size], test_y[:args.test_size]
-
-    # ---- model and optimizer
-    model_args = dict(name=args.model, width=args.width)
-    if args.model == "airbench":
-        model_args.update(act=args.act, whiten_bias=args.whiten_bias_epochs > 0)
-    # NHWC (channels last): the layout oneDNN's CPU convolutions and tensor cores are fastest in
-    net = build_model(**model_args).to(device).to(memory_format=torch.channels_last)
-    if args.model == "airbench":
-        net.init_whitening(((train_x[:args.whiten_images].float() / 255) - mean) / std)
+    net, model_args = build_net(args, train_x, mean, std, device)
     log(f"model: {args.model}, {sum(p.numel() for p in net.parameters()):,} parameters, on {device}")
-    # Nesterov momentum converges faster than plain momentum at the same step size (Sutskever et al. 2013).
-    # airbench: BN shifts learn bias_lr (64) times faster than the weights; their weight decay is
-    # divided by as much, so the decay per step stays that of the other weights.
-    params = [p for p in net.parameters() if p.requires_grad]
-    whiten_bias = net.whiten.bias if args.model == "airbench" else None  # airbench: learns as the weights do
-    weights = [p for p in params if p.ndim > 1 or p is whiten_bias]
-    biases = [p for p in params if p.ndim <= 1 and p is not whiten_bias]
-    bias_decay = recipe["weight_decay"] / recipe["bias_lr"] if args.model == "airbench" else 0.0
-    # fused: one kernel updates every tensor, and with the GradScaler it skips overflowed steps on the
-    # device instead of asking the host (a sync) at every step
-    optimizer = torch.optim.SGD([dict(params=weights, weight_decay=recipe["weight_decay"], lr=args.lr),
-                                 dict(params=biases, weight_decay=bias_decay,
-                                      lr=args.lr * recipe["bias_lr"])],
-                                momentum=recipe["momentum"], nesterov=args.model != "lenet",
-                                fused=device.type in ("cuda", "cpu"))
-    for group in optimizer.param_groups:
-        # the peak, which the schedule scales (PyTorch's schedulers use this key too)
-        group["initial_lr"] = group["lr"]
+    optimizer = make_optimizer(net, args, recipe, device)
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see choose_precision
-    steps_per_epoch = len(train_y) // args.batch_size
-    if steps_per_epoch == 0:
+    loader = DeviceLoader(train_x, train_y, mean, std, args.batch_size, recipe, args.seed, rank, world)
+    if loader.steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size} is larger than the {len(train_y)} training images")
-    budget = args.time_limit
-    total_steps = None if budget else 2 if args.dry_run else args.epochs * steps_per_epoch
     # airbench averages every 5 steps of 1024 images: here every 5 x 1024 images
     lookahead = Lookahead(net, every=max(1, 5 * 1024 // args.batch_size)) if recipe["lookahead"] else None
-    loader = DeviceLoader(train_x, train_y, mean, std, args.batch_size, recipe, args.seed, rank, world)
-
-    shared = {"step": None, "p": 0.0, "pace": 0.0}  # the last progress rank 0 shared (see progress)
-
-    def progress(step):
-        """0 at the start of training, 1 at its end: of the steps, or with --time-limit of the
-        seconds, so that warm-up, decay and averaging are laid over the budget whatever the speed."""
-        if not budget:
-            return step / total_steps
-        if step in (3, 8):  # the plan, from the speed of steps 3-7 (the first pay for setup)
-            synchronize(device)  # a GPU's clock reading needs its queue emptied (twice per run)
-            clock[step] = time.time()
-            if step == 8:
-                log(plan_time_limit(budget, (clock[8] - clock[3]) / 5, args.early_crop, steps_per_epoch,
-                                    recipe))
-        p = (time.time() - start) / budget
-        if distributed:
-            # Rank 0's clock for all, so that every process follows one schedule and stops at the same
-            # step. Reading the broadcast value makes the CPU wait for the device, so it is shared every
-            # 10 steps with its pace per step, and every process extrapolates alike in between.
-            if shared["step"] is None or step - shared["step"] >= 10:
-                pace = (p - shared["p"]) / (step - shared["step"]) if shared["step"] is not None else 0.0
-                now = torch.tensor([p, pace], device=device)
-                dist.broadcast(now, 0)
-                (shared["p"], shared["pace"]), shared["step"] = now.tolist(), step
-            p = shared["p"] + (step - shared["step"]) * shared["pace"]
-        return p
-
-    out, start_epoch, best_acc, best_state = Path(args.out), 0, 0.0, None
-    if args.resume:
-        ckpt = load_checkpoint(out)
-        if ckpt["model_args"] != model_args:
-            fail(f"--resume: {out} holds a {ckpt['model_args']} model, not {model_args}")
-        net.load_state_dict(ckpt["resume"]["model"])
-        optimizer.load_state_dict(ckpt["resume"]["optimizer"])
-        if needs_scaler and ckpt["resume"].get("scaler"):
-            scaler.load_state_dict(ckpt["resume"]["scaler"])
-        if lookahead and ckpt["resume"].get("lookahead"):
-            lookahead.slow = {k: v.to(device) for k, v in ckpt["resume"]["lookahead"].items()}
-        start_epoch, best_acc, best_state = ckpt["resume"]["epoch"], ckpt["best_val_acc"], ckpt["model"]
-        log(f"resumed {out} after epoch {start_epoch} (best val acc {100 * best_acc:.2f}%)")
+    state = (resume_run(Path(args.out), net, optimizer, scaler, lookahead, model_args, log) if args.resume
+             else (0, 0.0, None))
     model = net
     if distributed:  # DDP averages gradients across processes during backward
-        device_ids = [local_rank] if device.type == "cuda" else None
         # find_unused_parameters: once the whitening bias is frozen, its gradient never comes
-        model = nn.parallel.DistributedDataParallel(net, device_ids=device_ids,
-                                                    find_unused_parameters=whiten_bias is not None)
+        model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[local_rank] if device.type == "cuda" else None,
+            find_unused_parameters=args.model == "airbench" and args.whiten_bias_epochs > 0)
     if args.compile:
         model = torch.compile(model)
-    eval_net = copy.deepcopy(net)  # validates the slow (averaged) weights while the fast ones train on
-
-    # ---- training
-    start, seen, step, clock = time.time(), 0, start_epoch * steps_per_epoch, {}
     if device.type == "cpu":
         # As the learning rate decays, updates and momentum reach denormal floats (below 1e-38),
         # which x86 CPUs handle in slow microcode; flushing them to zero avoids that.
         torch.set_flush_denormal(True)
-    p = p0 = 0.0 if budget else start_epoch / args.epochs
-    # a time limit ends by the clock
-    epochs = itertools.count(start_epoch) if budget else range(start_epoch, args.epochs)
-    for epoch in epochs:
-        if whiten_bias is not None:  # airbench: the whitening bias trains for its first epochs only
-            whiten_bias.requires_grad_(epoch < args.whiten_bias_epochs)
-        t0 = time.time()
-        step, n_steps, loss_sum = train_epoch(model, optimizer, scaler, loader, epoch, step, progress, recipe,
-                                              amp_dtype, lookahead)
-        if n_steps == 0:
-            break
-        synchronize(device)  # once per epoch: the epoch's GPU work is done before the clock is read
-        dt = time.time() - t0
-        seen += n_steps * args.batch_size
-        eval_net.load_state_dict(lookahead.averaged() if lookahead else net.state_dict())
-        val_acc = (predict(eval_net, val_x, mean, std, device,
-                           amp_dtype).argmax(1).cpu() == val_y).float().mean().item() if len(val_y) else 0.0
-        elapsed = time.time() - start
-        p = progress(step)
-        planned = f"{args.epochs}" if not budget else f"~{(epoch + 1) / max(p, 1e-9):.1f}"
-        log(f"epoch {epoch + 1}/{planned} | loss {loss_sum.item() / n_steps:.4f} | "
-            f"{n_steps * args.batch_size / dt:,.0f} img/s | {1000 * dt / n_steps:.1f} ms/step | "
-            f"elapsed {elapsed:.0f}s | eta {elapsed / max(p - p0, 1e-9) * max(0.0, 1 - p):.0f}s | val acc "
-            f"{100 * val_acc:.2f}%")
-        if val_acc >= best_acc or best_state is None:
-            best_acc, best_state = val_acc, {k: v.detach().clone() for k, v in eval_net.state_dict().items()}
-        if master:
-            save_checkpoint({
-                "kind": "classifier",  # sample.py refuses checkpoints of other scripts
-                "model": best_state,  # the best epoch's (slow) weights, what sample.py uses
-                "model_args": model_args,
-                "classes": classes,
-                "mean": mean.flatten().cpu(), "std": std.flatten().cpu(),
-                "best_val_acc": best_acc,
-                "config": vars(args),
-                "resume": {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                           "lookahead": lookahead.slow if lookahead else None,
-                           "scaler": scaler.state_dict()},  # fp16: the loss scale reached; else empty
-            }, out)
-        if p >= 1:
-            break
-    train_seconds = time.time() - start
 
-    # ---- evaluation of the best epoch on the test set, which training never saw
-    if best_state is not None:
-        net.load_state_dict(best_state)
-    t0 = time.time()
-    pred = predict(net, test_x, mean, std, device, amp_dtype, args.tta).argmax(1).cpu()
-    test_acc = (pred == test_y).float().mean().item()
-    if master:
-        print(f"saved {out}; best val acc {100 * best_acc:.2f}%; test accuracy of that model: "
-              f"{100 * test_acc:.2f}% "
-              f"(test-time augmentation level {args.tta}, {time.time() - t0:.1f} s)")
-        print_evaluation(confusion_matrix(pred, test_y, len(classes)), classes)
-        print(f"result: test_acc={100 * test_acc:.2f} val_acc={100 * best_acc:.2f} "
-              f"chance={100 / len(classes):.2f} "
-              f"model={args.model} data={args.data} epochs={step / steps_per_epoch:.2f} "
-              f"train_seconds={train_seconds:.1f} "
-              f"img_per_s={seen / max(train_seconds, 1e-9):.0f} world={world}")
+    meta = {"kind": "classifier", "model_args": model_args, "classes": classes,  # sample.py checks the kind
+            "mean": mean.flatten().cpu(), "std": std.flatten().cpu(), "config": vars(args)}
+    save = lambda best, acc, epoch: rank == 0 and save_checkpoint(
+        run_checkpoint(meta, best, acc, epoch, net, optimizer, scaler, lookahead), Path(args.out))
+    plan = lambda t_step: log(plan_time_limit(args.time_limit, t_step, args.early_crop,
+                                              loader.steps_per_epoch, recipe))
+    total_steps = None if args.time_limit else 2 if args.dry_run else args.epochs * loader.steps_per_epoch
+    progress = Progress(total_steps, args.time_limit, device, distributed, plan)
+    best_acc, best_state, step = fit(model, net, optimizer, scaler, loader, progress, lookahead, val, args,
+                                     recipe, amp_dtype, state, save, log)
+    train_seconds = time.time() - progress.start
+
+    test_acc = test_report(net, best_state, best_acc, test_x, test_y, mean, std, amp_dtype, args, classes,
+                           log)
+    log(f"result: test_acc={100 * test_acc:.2f} val_acc={100 * best_acc:.2f} chance={100 / len(classes):.2f} "
+        f"model={args.model} data={args.data} epochs={step / loader.steps_per_epoch:.2f} "
+        f"train_seconds={train_seconds:.1f} world={world} img_per_s="
+        f"{(step - state[0] * loader.steps_per_epoch) * args.batch_size / max(train_seconds, 1e-9):.0f}")
     if distributed:
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

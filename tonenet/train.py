@@ -380,6 +380,38 @@ def shift_keys(roll, target, shift):
     return roll, target
 
 
+def load_data(args, device):
+    """Pieces per style, split by file, the training files cut into half-overlapping windows that live
+    on the device. Returns (roll (N, W, 88, 3), velocities (N, W, 88), style (N,) on the host), the
+    split, the styles and each style's mean training velocity."""
+    if args.data == "builtin":
+        pieces = builtin_pieces(args.pieces, args.seed, args.steps_per_beat)
+    else:
+        pieces = folder_pieces(args.data, args.steps_per_beat, args.pedal)
+    styles = list(pieces)
+    split = split_files(pieces, args.val_frac, args.test_frac, args.split_seed)
+    train_means = {}
+    per_style = []
+    for s, style in enumerate(styles):
+        roll, vel = windows(split["train"][style], args.window, args.window // 2)  # half-overlapping windows
+        per_style.append((roll, vel, torch.full((len(roll),), s)))
+        struck = [v[r[..., 0] == 1] for _, r, v in split["train"][style]]  # velocities of the struck notes
+        train_means[style] = float(np.concatenate(struck).mean())
+    roll = torch.cat([p[0] for p in per_style]).to(device)  # (N, W, 88, 3) uint8
+    vel = torch.cat([p[1] for p in per_style]).to(device)  # (N, W, 88) uint8
+    style_of = torch.cat([p[2] for p in per_style])  # (N,) on the host: the model routes windows by it
+    for style in styles:
+        counts = {name: (len(part[style]), len({piece_of(f) for f, _, _ in part[style]}),
+                         sum(int(r[..., 0].sum()) for _, r, _ in part[style]))
+                  for name, part in split.items()}
+        sizes = [f"{name} {files} files of {pieces} pieces, {notes:,} notes"
+                 for name, (files, pieces, notes) in counts.items()]
+        print(f"data: {style}: " + " / ".join(sizes) + f"; mean training velocity {train_means[style]:.1f}")
+    print(f"data: {len(roll)} training windows of {args.window} steps "
+          f"({args.window / args.steps_per_beat:.0f} beats)")
+    return (roll, vel, style_of), split, styles, train_means
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -387,19 +419,24 @@ def train_step(model, optimizer, scaler, x, target, style, clip, amp_dtype, loss
     """One update: x (B, T, 88, 3) the notes, target (B, T, 88) velocities / 127, style (B,) on the
     host. Returns the loss, left on the device (reading it would make the CPU wait for the GPU)."""
     struck = x[..., 0]  # (B, T, 88) 1 where a key is struck: only struck keys have a velocity
+    optimizer.zero_grad(set_to_none=True)
     with autocast(x.device, amp_dtype):
         pred = model(x, style) / 127
     # the error over the struck keys, as a masked sum (pred[struck] would wait for the GPU to count them):
     # squared (ToneNet's), or absolute, the error the evaluation reports (its minimiser is the median)
     error = (pred - target) ** 2 if loss_kind == "mse" else (pred - target).abs()
     loss = (error * struck).sum() / struck.sum().clamp_min(1)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # with the scaler off (fp32, bf16) these are plain backward() ...
-    scaler.unscale_(optimizer)  # fp16: true gradients before clipping
-    # foreach left to PyTorch, which uses it where the device has it (MPS has not, and refuses foreach=True)
-    nn.utils.clip_grad_norm_(model.parameters(), clip)
-    scaler.step(optimizer)  # ... and step()
-    scaler.update()
+    if not scaler.is_enabled():
+        loss.backward()
+        # foreach left to PyTorch, which uses it where the device has it (MPS has not, and refuses it)
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+    else:  # fp16 mixed precision: the loss scaled up so small gradients do not round to zero
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # the true gradients, before clipping
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(optimizer)  # skipped if a gradient overflowed
+        scaler.update()
     return loss.detach()
 
 
@@ -455,6 +492,52 @@ def load_checkpoint(path, device):
     return ckpt, model.eval()
 
 
+def cosine_lr(lr, p):
+    """--lr-decay: cosine decay from lr to lr/10 as training progress p goes from 0 to 1."""
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(p, 1.0))))
+
+
+def eta(train_time, epoch, args):
+    """Seconds of training left: the epochs to come at the pace so far, within any --time-limit."""
+    remaining = train_time / epoch * (args.epochs - epoch)
+    return max(0.0, min(remaining, args.time_limit - train_time)) if args.time_limit else remaining
+
+
+def fit(model, optimizer, scaler, data, split, styles, train_means, args, amp_dtype, save):
+    """The epoch loop: train, score the validation files, log, save the best epoch. Returns the
+    windows trained on and the seconds spent training."""
+    best, train_time, seen = float("inf"), 0.0, 0
+    generator = torch.Generator().manual_seed(args.seed)
+    batches_per_epoch = -(-len(data[0]) // args.batch_size)
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.time()
+        clock = lambda: train_time + time.time() - t0  # seconds of training so far
+        lr_at = lambda n: cosine_lr(args.lr, clock() / args.time_limit if args.time_limit
+                                    else (epoch - 1 + n / batches_per_epoch) / args.epochs)
+        stop = lambda n: args.time_limit and clock() > args.time_limit or args.dry_run and n == 2
+        loss_sum, n_batches = train_epoch(model, optimizer, scaler, data, generator, args.batch_size,
+                                          args.transpose, args.clip, amp_dtype, args.loss,
+                                          lr_at if args.lr_decay else None, stop)
+        seen += min(n_batches * args.batch_size, len(data[0]))  # only the last batch is short
+        synchronize(data[0].device)  # the epoch's GPU work is done before the clock is read
+        dt = time.time() - t0
+        train_time += dt
+        report = evaluate(model, split["val"], styles, args.window, data[0].device, train_means)
+        remaining = eta(train_time, epoch, args)
+        print(f"epoch {epoch}/{args.epochs} | loss {loss_sum.item() / n_batches:.4f} | "
+              f"{n_batches * args.batch_size / dt:,.0f} windows/s | {1000 * dt / n_batches:.1f} ms/step | "
+              f"elapsed {train_time:.0f}s | eta {remaining:.0f}s | val MAE "
+              + " ".join(f"{s} {r['mae']:.2f}" for s, r in report.items()))
+        val_mae = sum(r["mae"] for r in report.values()) / len(report)
+        if val_mae < best:
+            best = val_mae
+            save(epoch, best)
+        if args.time_limit and train_time > args.time_limit:
+            print(f"time limit of {args.time_limit:.0f}s reached")
+            break
+    return seen, train_time
+
+
 # -------------------------------------------------------------------------- evaluation, and the level control
 
 
@@ -493,6 +576,17 @@ def evaluate(model, split, styles, window, device, train_means):
                              file_mean=float((t - fm).abs().mean()))
     model.train()
     return report
+
+
+def print_test_report(report, epoch, model):
+    """The test table: the model's velocity error beside its baselines, per style."""
+    print(f"test (held-out pieces, best epoch {epoch}): velocity MAE in MIDI units over struck notes")
+    print(f"  {'style':<12}{'pieces':>7}{'notes':>8}{model:>10}{'corr':>7}{'level given*':>14}"
+          f"{'const 64':>10}{'style mean':>12}{'file mean*':>12}")
+    for style, r in report.items():
+        print(f"  {style:<12}{r['pieces']:>7}{r['notes']:>8}{r['mae']:>10.2f}{r['corr']:>7.3f}"
+              f"{r['level_mae']:>14.2f}{r['const64']:>10.2f}{r['style_mean']:>12.2f}{r['file_mean']:>12.2f}")
+    print("  * told each test file's true mean velocity: the model shifted to it, and the file-mean oracle")
 
 
 def set_level(velocity, level):
@@ -653,7 +747,7 @@ def builtin_pieces(n, seed, steps_per_beat):
 # ----------------------------------------------------------------------------- main
 
 
-def main():
+def get_args():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="builtin",
@@ -722,40 +816,18 @@ def main():
     args = parser.parse_args()
     if args.dry_run:  # pytorch/examples' --dry-run: the whole script once, on the least data
         args.epochs, args.pieces = 1, min(args.pieces, 10)
+    if args.window < 8 or args.steps_per_beat < 1:
+        fail("--window must be at least 8 and --steps-per-beat at least 1")
+    return args
+
+
+def main():
+    args = get_args()
     print("settings:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
     seed_everything(args.seed, args.deterministic)
     device = get_device(args.device)
-    if args.window < 8 or args.steps_per_beat < 1:
-        fail("--window must be at least 8 and --steps-per-beat at least 1")
+    data, split, styles, train_means = load_data(args, device)
 
-    # ---- data: pieces per style, split by file, cut into windows that live on the device
-    if args.data == "builtin":
-        pieces = builtin_pieces(args.pieces, args.seed, args.steps_per_beat)
-    else:
-        pieces = folder_pieces(args.data, args.steps_per_beat, args.pedal)
-    styles = list(pieces)
-    split = split_files(pieces, args.val_frac, args.test_frac, args.split_seed)
-    train_means = {}
-    per_style = []
-    for s, style in enumerate(styles):
-        roll, vel = windows(split["train"][style], args.window, args.window // 2)  # half-overlapping windows
-        per_style.append((roll, vel, torch.full((len(roll),), s)))
-        struck = [v[r[..., 0] == 1] for _, r, v in split["train"][style]]  # velocities of the struck notes
-        train_means[style] = float(np.concatenate(struck).mean())
-    roll = torch.cat([p[0] for p in per_style]).to(device)  # (N, W, 88, 3) uint8
-    vel = torch.cat([p[1] for p in per_style]).to(device)  # (N, W, 88) uint8
-    style_of = torch.cat([p[2] for p in per_style])  # (N,) on the host: the model routes windows by it
-    for style in styles:
-        counts = {name: (len(part[style]), len({piece_of(f) for f, _, _ in part[style]}),
-                         sum(int(r[..., 0].sum()) for _, r, _ in part[style]))
-                  for name, part in split.items()}
-        sizes = [f"{name} {files} files of {pieces} pieces, {notes:,} notes"
-                 for name, (files, pieces, notes) in counts.items()]
-        print(f"data: {style}: " + " / ".join(sizes) + f"; mean training velocity {train_means[style]:.1f}")
-    print(f"data: {len(roll)} training windows of {args.window} steps "
-          f"({args.window / args.steps_per_beat:.0f} beats)")
-
-    # ---- model
     model_args = dict(styles=styles, hidden=args.hidden, layers=args.layers, dropout=args.dropout,
                       model=args.model, voices=args.voices, parts=args.parts)
     model = ToneNet(**model_args).to(device)
@@ -766,73 +838,24 @@ def main():
     print(f"model: {args.model}, {sum(p.numel() for p in model.parameters()):,} parameters, {len(styles)} "
           f"style heads, on {device}, autocast {precision_name(amp_dtype, needs_scaler)}")
 
-    # ---- training
-    out, best, train_time, seen = Path(args.out), float("inf"), 0.0, 0
-    generator = torch.Generator().manual_seed(args.seed)
-    batches_per_epoch = -(-len(roll) // args.batch_size)
-
-    def lr_at(n):
-        """Cosine decay from lr to lr/10 over the run: of the seconds with --time-limit, else of the
-        batches."""
-        if args.time_limit:
-            p = (train_time + time.time() - t0) / args.time_limit
-        else:
-            p = (epoch - 1 + n / batches_per_epoch) / args.epochs
-        return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(p, 1.0))))
-
-    def out_of_time(n):
-        return args.time_limit and train_time + time.time() - t0 > args.time_limit or args.dry_run and n == 2
-
-    for epoch in range(1, args.epochs + 1):
-        t0 = time.time()
-        loss_sum, n_batches = train_epoch(model, optimizer, scaler, (roll, vel, style_of), generator,
-                                          args.batch_size,
-                                          args.transpose, args.clip, amp_dtype, args.loss,
-                                          lr_at if args.lr_decay else None, out_of_time)
-        seen += min(n_batches * args.batch_size, len(roll))  # only the last batch is short
-        synchronize(device)  # the epoch's GPU work is done before the clock is read
-        dt = time.time() - t0
-        train_time += dt
-        report = evaluate(model, split["val"], styles, args.window, device, train_means)
-        val_mae = sum(r["mae"] for r in report.values()) / len(report)
-        remaining = train_time / epoch * (args.epochs - epoch)
-        if args.time_limit:
-            remaining = max(0.0, min(remaining, args.time_limit - train_time))
-        print(f"epoch {epoch}/{args.epochs} | loss {loss_sum.item() / n_batches:.4f} | "
-              f"{n_batches * args.batch_size / dt:,.0f} windows/s | "
-              f"{1000 * dt / n_batches:.1f} ms/step | elapsed {train_time:.0f}s | eta {remaining:.0f}s | val "
-              "MAE "
-              + " ".join(f"{s} {r['mae']:.2f}" for s, r in report.items()))
-        if val_mae < best:
-            best = val_mae
-            save_checkpoint({
-                "kind": "tonenet",  # sample.py refuses checkpoints of other scripts
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
-                "styles": styles, "steps_per_beat": args.steps_per_beat, "window": args.window,
-                "pedal": args.pedal,
-                "train_means": train_means, "epoch": epoch, "best_val_mae": best, "config": vars(args),
-            }, out)
-        if args.time_limit and train_time > args.time_limit:
-            print(f"time limit of {args.time_limit:.0f}s reached")
-            break
+    out = Path(args.out)
+    save = lambda epoch, best: save_checkpoint({
+        "kind": "tonenet",  # sample.py refuses checkpoints of other scripts
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
+        "styles": styles, "steps_per_beat": args.steps_per_beat, "window": args.window, "pedal": args.pedal,
+        "train_means": train_means, "epoch": epoch, "best_val_mae": best, "config": vars(args)}, out)
+    seen, train_time = fit(model, optimizer, scaler, data, split, styles, train_means, args, amp_dtype, save)
 
     # ---- the best epoch on the held-out test files
     ckpt, model = load_checkpoint(out, device)
     report = evaluate(model, split["test"], styles, args.window, device, train_means)
-    print(f"test (held-out pieces, best epoch {ckpt['epoch']}): velocity MAE in MIDI units over struck notes")
-    print(f"  {'style':<12}{'pieces':>7}{'notes':>8}{args.model:>10}{'corr':>7}{'level given*':>14}"
-          f"{'const 64':>10}{'style mean':>12}{'file mean*':>12}")
-    for style, r in report.items():
-        print(f"  {style:<12}{r['pieces']:>7}{r['notes']:>8}{r['mae']:>10.2f}{r['corr']:>7.3f}"
-              f"{r['level_mae']:>14.2f}{r['const64']:>10.2f}{r['style_mean']:>12.2f}{r['file_mean']:>12.2f}")
-    print("  * told each test file's true mean velocity: the model shifted to it, and the file-mean oracle")
+    print_test_report(report, ckpt["epoch"], args.model)
     keys = ("mae", "corr", "level_mae", "const64", "style_mean", "file_mean")
     fields = [f"{s}_{k}={r[k]:.3f}" for s, r in report.items() for k in keys]
     print(f"result: model={args.model} mae={sum(r['mae'] for r in report.values()) / len(report):.3f} "
           f"style_mean_mae={sum(r['style_mean'] for r in report.values()) / len(report):.3f} "
           f"{' '.join(fields)} "
           f"windows_per_s={seen / max(train_time, 1e-9):.0f} train_seconds={train_time:.1f}")
-
 
 if __name__ == "__main__":
     main()
