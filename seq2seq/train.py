@@ -19,8 +19,9 @@ BLEU) with two validation translations, and ends with the test BLEU of the best 
 Speed: with Luong attention (dot/general/concat) and full teacher forcing the decoder GRU
 runs over the whole target sequence in one call and attention is one batched matmul. Bahdanau
 attention (whose query is the previous decoder state) and free-running steps need a Python
-loop over time; there the GRU equations are written out so that each step costs one weight
-product (Decoder.bahdanau_fused, tested equal to the tutorial's step, Decoder.bahdanau_plain).
+loop over time; the tutorial's step (Decoder.bahdanau_plain) is the default, and --fast-bahdanau
+writes the GRU equations out so that each step costs one weight product (bahdanau_fused, in its
+own section, tested equal).
 Batches are bucketed by length, so little is padding; the output layer sees only real target
 positions, in bf16 where the hardware has it.
 """
@@ -143,8 +144,8 @@ class Decoder(nn.Module):
         self.out = nn.Linear(hidden, vocab)
         self.dropout = nn.Dropout(dropout)
         self.bf16_output = False  # a speed setting, not saved: train.py turns it on where bf16 is fast
-        # Bahdanau: the fused step (bahdanau_fused) instead of bahdanau_plain; the same numbers
-        self.fused = True
+        # Bahdanau: bahdanau_fused (below, --fast-bahdanau) instead of bahdanau_plain; the same numbers
+        self.fused = False
 
     def memory(self, enc_out, src_len):
         """What every step needs from the source, computed once per sentence: attention keys,
@@ -166,8 +167,10 @@ class Decoder(nn.Module):
         x = self.dropout(self.embedding(tokens))  # (B, T, H)
         weights = None
         if self.kind == "bahdanau":  # the query is the previous state, so step through time
-            steps = self.bahdanau_fused if self.fused else self.bahdanau_plain
-            out, hidden, weights = steps(x, hidden, *memory)
+            if self.fused:
+                out, hidden, weights = bahdanau_fused(self, x, hidden, *memory)
+            else:
+                out, hidden, weights = self.bahdanau_plain(x, hidden, *memory)
         else:
             out, hidden = rnn_fp32(self.gru, x, hidden)  # all T steps in one call
             if self.attention is not None:
@@ -188,51 +191,6 @@ class Decoder(nn.Module):
             outs.append(out)
             ws.append(w)
         return torch.cat(outs, 1), hidden, torch.cat(ws, 1)  # (B, T, H), (L, B, H), (B, T, S)
-
-    # ------------------------------------------------------------------ the same step, fused for speed
-
-    def bahdanau_fused(self, x, hidden, keys, values, pad_bias, folded):
-        """bahdanau_plain, computed faster and tested equal to it (test_all.py). The GRU equations
-        (Cho et al. 2014, in nn.GRU's gate order r, z, n and with nn.GRU's own weights) are
-        written out so that each step needs one weight product instead of four:
-        - the word's share of the input gates, W_w x_t, does not depend on the state, so it is
-          computed for all T steps at once before the loop;
-        - the context's share comes from the folded values prepared in memory();
-        - the attention query W s_{t-1} and the recurrent gates W_hh s_{t-1} read the same
-          state, so one product with the two weight matrices stacked gives both."""
-        g, H, L = self.gru, self.gru.hidden_size, self.gru.num_layers
-        # layer 0: (3H, 2H) for [word; context], the others (3H, H)
-        w_ih = [getattr(g, f"weight_ih_l{l}") for l in range(L)]
-        b_ih = [getattr(g, f"bias_ih_l{l}") for l in range(L)]
-        w_hh = [getattr(g, f"weight_hh_l{l}") for l in range(L)]  # (3H, H)
-        b_hh = [getattr(g, f"bias_hh_l{l}") for l in range(L)]
-        word_gates = F.linear(x, w_ih[0][:, :H], b_ih[0]).unbind(1)  # T x (B, 3H), all steps in one product
-        w_top = torch.cat([w_hh[-1], self.attention.W.weight])  # (3H + H, H): recurrent gates and query
-        b_top = torch.cat([b_hh[-1], b_hh[-1].new_zeros(H)])
-        h = list(hidden.unbind(0))  # per layer (B, H)
-        outs, ws = [], []
-        # (Whole tensors are split and unbound rather than sliced with [:, a:b] inside the loop:
-        # the backward of a slice allocates a zero tensor of the full size at every step.)
-        for t in range(x.shape[1]):
-            # r|z (B, 2H), n (B, H), query (B, H)
-            *top_gates, q = F.linear(h[-1], w_top, b_top).split([2 * H, H, H], -1)
-            # W_c c_t (B, 1, 3H), (B, 1, S)
-            context_gates, w = self.attention.attend(q.unsqueeze(1), keys, folded, pad_bias)
-            inp = word_gates[t] + context_gates.squeeze(1)  # layer 0's input gates (B, 3H)
-            for l in range(L):
-                if l > 0:  # the layer below's new state, with nn.GRU's dropout between layers
-                    inp = F.linear(F.dropout(h[l - 1], g.dropout, self.training), w_ih[l], b_ih[l])
-                if l == L - 1:
-                    rec_rz, rec_n = top_gates
-                else:
-                    rec_rz, rec_n = F.linear(h[l], w_hh[l], b_hh[l]).split([2 * H, H], -1)
-                inp_rz, inp_n = inp.split([2 * H, H], -1)
-                r, z = torch.sigmoid(inp_rz + rec_rz).chunk(2, -1)  # reset and update gates (B, H) each
-                n = torch.tanh(inp_n + r * rec_n)  # candidate state
-                h[l] = n + z * (h[l] - n)  # = (1 - z) n + z h
-            outs.append(h[-1])
-            ws.append(w)
-        return torch.stack(outs, 1), torch.stack(h), torch.cat(ws, 1)  # (B, T, H), (L, B, H), (B, T, S)
 
     def project(self, features):  # (..., H) -> (..., V) logits over the target vocabulary
         # The largest product of the model (N x H x V): with bf16_output it alone runs in bf16 (see
@@ -330,6 +288,55 @@ class Seq2Seq(nn.Module):
             token = torch.tensor([s[-1] for s in seqs], device=src.device).unsqueeze(1)
         best = max(finished, key=lambda f: f[0])
         return best[1], torch.stack(best[2])
+
+
+# ------------------------------------------------------------------ the Bahdanau step, fused for speed
+# Decoder.bahdanau_plain is the lesson; --fast-bahdanau runs this instead: the same numbers (the tests
+# check), fewer and larger products per step.
+
+
+def bahdanau_fused(decoder, x, hidden, keys, values, pad_bias, folded):
+    """Decoder.bahdanau_plain, computed faster and tested equal to it (test_all.py). The GRU equations
+    (Cho et al. 2014, in nn.GRU's gate order r, z, n and with nn.GRU's own weights) are
+    written out so that each step needs one weight product instead of four:
+    - the word's share of the input gates, W_w x_t, does not depend on the state, so it is
+      computed for all T steps at once before the loop;
+    - the context's share comes from the folded values prepared in memory();
+    - the attention query W s_{t-1} and the recurrent gates W_hh s_{t-1} read the same
+      state, so one product with the two weight matrices stacked gives both."""
+    g, H, L = decoder.gru, decoder.gru.hidden_size, decoder.gru.num_layers
+    # layer 0: (3H, 2H) for [word; context], the others (3H, H)
+    w_ih = [getattr(g, f"weight_ih_l{l}") for l in range(L)]
+    b_ih = [getattr(g, f"bias_ih_l{l}") for l in range(L)]
+    w_hh = [getattr(g, f"weight_hh_l{l}") for l in range(L)]  # (3H, H)
+    b_hh = [getattr(g, f"bias_hh_l{l}") for l in range(L)]
+    word_gates = F.linear(x, w_ih[0][:, :H], b_ih[0]).unbind(1)  # T x (B, 3H), all steps in one product
+    w_top = torch.cat([w_hh[-1], decoder.attention.W.weight])  # (3H + H, H): recurrent gates and query
+    b_top = torch.cat([b_hh[-1], b_hh[-1].new_zeros(H)])
+    h = list(hidden.unbind(0))  # per layer (B, H)
+    outs, ws = [], []
+    # (Whole tensors are split and unbound rather than sliced with [:, a:b] inside the loop:
+    # the backward of a slice allocates a zero tensor of the full size at every step.)
+    for t in range(x.shape[1]):
+        # r|z (B, 2H), n (B, H), query (B, H)
+        *top_gates, q = F.linear(h[-1], w_top, b_top).split([2 * H, H, H], -1)
+        # W_c c_t (B, 1, 3H), (B, 1, S)
+        context_gates, w = decoder.attention.attend(q.unsqueeze(1), keys, folded, pad_bias)
+        inp = word_gates[t] + context_gates.squeeze(1)  # layer 0's input gates (B, 3H)
+        for l in range(L):
+            if l > 0:  # the layer below's new state, with nn.GRU's dropout between layers
+                inp = F.linear(F.dropout(h[l - 1], g.dropout, decoder.training), w_ih[l], b_ih[l])
+            if l == L - 1:
+                rec_rz, rec_n = top_gates
+            else:
+                rec_rz, rec_n = F.linear(h[l], w_hh[l], b_hh[l]).split([2 * H, H], -1)
+            inp_rz, inp_n = inp.split([2 * H, H], -1)
+            r, z = torch.sigmoid(inp_rz + rec_rz).chunk(2, -1)  # reset and update gates (B, H) each
+            n = torch.tanh(inp_n + r * rec_n)  # candidate state
+            h[l] = n + z * (h[l] - n)  # = (1 - z) n + z h
+        outs.append(h[-1])
+        ws.append(w)
+    return torch.stack(outs, 1), torch.stack(h), torch.cat(ws, 1)  # (B, T, H), (L, B, H), (B, T, S)
 
 
 # ------------------------------------------------------------------- data: pairs files, vocabularies, batches
@@ -461,6 +468,34 @@ def batches(src_len, tgt_len, batch_size, generator):
     return [out[j] for j in torch.randperm(len(out), generator=generator)]
 
 
+def load_pairs(args):
+    """(English, French) pairs -> (source, target) pairs, split into train, val and test, and the
+    vocabularies, built from the training pairs only."""
+    if args.data == "builtin":
+        pairs = builtin_pairs(args.pairs, args.seed, args.max_length)
+    else:
+        raw = read_pairs_file(fetch_eng_fra(args.data_dir) if args.data == "eng-fra" else args.data)
+        short = lambda e, f: len(e.split()) < args.max_length and len(f.split()) < args.max_length
+        pairs = [(e, f) for e, f in raw if short(e, f) and (args.all_pairs or e.startswith(ENG_PREFIXES))]
+        print(f"read {len(raw):,} pairs from {args.data}; {len(pairs):,} pass the filter; "
+              f"{len(set(pairs)):,} distinct")
+        pairs = sorted(set(pairs))  # duplicates removed, so no test pair is also a training pair
+    pairs = [(e, f) if args.reverse else (f, e) for e, f in pairs]
+    if args.reverse_source:  # Sutskever et al. 2014 sec. 3.3: reversed input shortens early dependencies
+        pairs = [(" ".join(s.split()[::-1]), t) for s, t in pairs]
+    if len(pairs) < 20:
+        fail(f"only {len(pairs)} usable pairs in {args.data}: need at least 20 under --max-length "
+             f"{args.max_length}")
+    train_pairs, val_pairs, test_pairs = split_pairs(pairs, args.val_frac, args.test_frac, args.seed)
+    src_vocab = Vocab.build([s for s, _ in train_pairs], args.min_count)
+    tgt_vocab = Vocab.build([t for _, t in train_pairs], args.min_count)
+    print(f"data: {len(train_pairs)} train / {len(val_pairs)} val / {len(test_pairs)} test pairs; "
+          f"vocabularies {len(src_vocab)} source, {len(tgt_vocab)} target words")
+    for s, t in train_pairs[:3]:
+        print(f"  example: {s}  ->  {t}")
+    return train_pairs, val_pairs, test_pairs, src_vocab, tgt_vocab
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -477,6 +512,7 @@ def train_step(model, optimizer, scaler, src, src_len, tgt, tgt_len, teacher_for
     tgt_in = torch.cat([torch.full_like(tgt[:, :1], SOS), tgt[:, :-1]], 1)  # shifted right: <sos> w1 w2 ...
     # (N,) the real target positions
     keep = real_positions(tgt_len, tgt.shape[1]).to(tgt.device, non_blocking=True)
+    optimizer.zero_grad(set_to_none=True)
     with autocast(src.device, amp_dtype):
         if random.random() < teacher_forcing:  # decided per batch, as in the chatbot tutorial
             logits = model(src, src_len, tgt_in, keep)  # (N, V)
@@ -484,14 +520,18 @@ def train_step(model, optimizer, scaler, src, src_len, tgt, tgt_len, teacher_for
             logits = model.free_running(src, src_len, tgt.shape[1], keep)
         # Masked loss: only real positions count, so padding does not dilute short sentences.
         loss = F.cross_entropy(logits.float(), tgt.flatten()[keep])
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # with the scaler off (everything but fp16) these are plain backward() ...
-    scaler.unscale_(optimizer)  # fp16: true gradients before clipping
-    # keeps an exploding RNN gradient in check; foreach left to PyTorch, which uses it where the device
-    # has it (MPS has not, and refuses foreach=True)
-    nn.utils.clip_grad_norm_(model.parameters(), clip)
-    scaler.step(optimizer)  # ... and step(); fp16: skipped if a gradient overflowed
-    scaler.update()
+    if not scaler.is_enabled():
+        loss.backward()
+        # keeps an exploding RNN gradient in check; foreach left to PyTorch, which uses it where the
+        # device has it (MPS has not, and refuses foreach=True)
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+    else:  # fp16 mixed precision: the loss scaled up so small gradients do not round to zero
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # the true gradients, before clipping
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(optimizer)  # skipped if a gradient overflowed
+        scaler.update()
     return loss.detach()
 
 
@@ -534,6 +574,74 @@ def load_checkpoint(path, device):
     model.load_state_dict(ckpt["model"])
     model.to(device)
     return ckpt, model.eval(), Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"])
+
+
+def choose_amp(model, args, device):
+    """The --amp rule of common.py, with seq2seq's bf16 output layer. Returns autocast's dtype, the
+    GradScaler (enabled for fp16 only), and the name of what runs in lower precision."""
+    amp_dtype, needs_scaler = precision_for(device, "off" if args.amp == "bf16-output" else args.amp)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    bf16_output, warning = bf16_output_layer(device.type, args.amp, cpu_has_native_bf16(), capability)
+    if warning:
+        print(warning, file=sys.stderr)
+    model.decoder.bf16_output = amp_dtype is None and bf16_output
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see common.choose_precision
+    return amp_dtype, scaler, "bf16-output" if model.decoder.bf16_output else precision_name(amp_dtype,
+                                                                                             needs_scaler)
+
+
+def train_epoch(model, optimizer, scaler, data, args, generator, amp_dtype, time_left):
+    """One pass over the training pairs in length-bucketed batches, or until time_left seconds have
+    passed. data: src (N, S) and tgt (N, T) on the device, their lengths (N,) on the host. Returns
+    the summed loss (on the device), the batches and the pairs trained on."""
+    src, src_len, tgt, tgt_len = data
+    model.train()
+    t0, loss_sum, n_batches, seen = time.time(), torch.zeros((), device=src.device), 0, 0
+    for idx in batches(src_len, tgt_len, args.batch_size, generator):
+        S, T = int(src_len[idx].max()), int(tgt_len[idx].max())  # trim padding to this batch's longest
+        rows = idx.to(src.device, non_blocking=True)
+        loss_sum += train_step(model, optimizer, scaler, src[rows, :S], src_len[idx], tgt[rows, :T],
+                               tgt_len[idx], args.teacher_forcing, args.clip, amp_dtype)
+        n_batches, seen = n_batches + 1, seen + len(idx)
+        if time.time() - t0 > time_left or args.dry_run and n_batches == 2:
+            break
+    return loss_sum, n_batches, seen
+
+
+def eta(train_time, epoch, args):
+    """Seconds of training left: the epochs to come at the pace so far, within any --time-limit."""
+    remaining = train_time / epoch * (args.epochs - epoch)
+    return max(0.0, min(remaining, args.time_limit - train_time)) if args.time_limit else remaining
+
+
+def fit(model, optimizer, scaler, data, val_pairs, vocabs, args, amp_dtype, save):
+    """The epoch loop: train, translate the validation pairs, log, save the best epoch. Returns the
+    best validation BLEU, the pairs trained on and the seconds spent training."""
+    best_bleu, train_time, seen = -1.0, 0.0, 0
+    generator = torch.Generator().manual_seed(args.seed)
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.time()
+        time_left = args.time_limit - train_time if args.time_limit else math.inf
+        loss_sum, n_batches, n = train_epoch(model, optimizer, scaler, data, args, generator, amp_dtype,
+                                             time_left)
+        synchronize(data[0].device)  # the epoch's GPU work is done before the clock is read
+        dt, seen = time.time() - t0, seen + n
+        train_time += dt
+        bleu, exact, outputs = translate_split(model, val_pairs, *vocabs, data[0].device, args.max_length + 1)
+        remaining = eta(train_time, epoch, args)
+        print(f"epoch {epoch}/{args.epochs} | loss {loss_sum.item() / n_batches:.4f} | "
+              f"{n_batches * args.batch_size / dt:,.0f} pairs/s | {1000 * dt / n_batches:.1f} ms/step | "
+              f"elapsed {train_time:.0f}s | eta {remaining:.0f}s | val BLEU {bleu:.4f} "
+              f"exact {100 * exact:.1f}%")
+        for (s, t), o in list(zip(val_pairs, outputs))[:2]:
+            print(f"  > {s}\n  = {t}\n  < {o}")
+        if bleu > best_bleu:
+            best_bleu = bleu
+            save(epoch, best_bleu)
+        if args.time_limit and train_time > args.time_limit:
+            print(f"time limit of {args.time_limit:.0f}s reached")
+            break
+    return best_bleu, seen, train_time
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -793,7 +901,7 @@ def builtin_pairs(n, seed, max_length):
 # ----------------------------------------------------------------------------- main
 
 
-def main():
+def get_args():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="builtin",
@@ -827,6 +935,9 @@ def main():
     parser.add_argument("--attention", default="general",
                         choices=["none", "bahdanau", "dot", "general", "concat"],
                         help="(default: %(default)s)")
+    parser.add_argument("--fast-bahdanau", action="store_true",
+                        help="Bahdanau attention: the fused step (the same numbers, faster) instead of the "
+                             "tutorial's")
     parser.add_argument("--dropout", type=float, default=0.1, help="(default: %(default)s)")
     parser.add_argument("--teacher-forcing", type=float, default=1.0,
                         help="share of batches fed the true previous word (default: %(default)s)")
@@ -860,115 +971,54 @@ def main():
     args = parser.parse_args()
     if args.dry_run:  # pytorch/examples' --dry-run: the whole script once, on the least data
         args.epochs, args.pairs = 1, min(args.pairs, 1000)
+    args.max_length = args.max_length or (16 if args.data == "builtin" else 10)
+    return args
+
+
+def main():
+    args = get_args()
     print("settings:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
     seed_everything(args.seed, args.deterministic)
     device = get_device(args.device)
-    args.max_length = args.max_length or (16 if args.data == "builtin" else 10)
-
-    # ---- data: (English, French) pairs -> (source, target), split, vocabularies
-    if args.data == "builtin":
-        pairs = builtin_pairs(args.pairs, args.seed, args.max_length)
-    else:
-        raw = read_pairs_file(fetch_eng_fra(args.data_dir) if args.data == "eng-fra" else args.data)
-        short = lambda e, f: len(e.split()) < args.max_length and len(f.split()) < args.max_length
-        pairs = [(e, f) for e, f in raw if short(e, f) and (args.all_pairs or e.startswith(ENG_PREFIXES))]
-        print(f"read {len(raw):,} pairs from {args.data}; {len(pairs):,} pass the filter; "
-              f"{len(set(pairs)):,} distinct")
-        pairs = sorted(set(pairs))  # duplicates removed, so no test pair is also a training pair
-    pairs = [(e, f) if args.reverse else (f, e) for e, f in pairs]
-    if args.reverse_source:  # Sutskever et al. 2014 sec. 3.3: reversed input shortens early dependencies
-        pairs = [(" ".join(s.split()[::-1]), t) for s, t in pairs]
-    if len(pairs) < 20:
-        fail(f"only {len(pairs)} usable pairs in {args.data}: need at least 20 under --max-length "
-             f"{args.max_length}")
-    train_pairs, val_pairs, test_pairs = split_pairs(pairs, args.val_frac, args.test_frac, args.seed)
-    src_vocab = Vocab.build([s for s, _ in train_pairs], args.min_count)  # from training pairs only
-    tgt_vocab = Vocab.build([t for _, t in train_pairs], args.min_count)
-    print(f"data: {len(train_pairs)} train / {len(val_pairs)} val / {len(test_pairs)} test pairs; "
-          f"vocabularies {len(src_vocab)} source, {len(tgt_vocab)} target words")
-    for s, t in train_pairs[:3]:
-        print(f"  example: {s}  ->  {t}")
+    train_pairs, val_pairs, test_pairs, src_vocab, tgt_vocab = load_pairs(args)
     src, src_len, tgt = to_tensors(train_pairs, src_vocab, tgt_vocab, device)
     # lengths stay on the host: batching and trimming read them
-    src_len, tgt_len = src_len.cpu(), (tgt != PAD).sum(1).cpu()
+    data = (src, src_len.cpu(), tgt, (tgt != PAD).sum(1).cpu())
 
-    # ---- model
     model_args = dict(src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab), hidden=args.hidden,
-                      layers=args.layers,
-                      bidirectional=args.bidirectional, attention=args.attention, dropout=args.dropout)
+                      layers=args.layers, bidirectional=args.bidirectional, attention=args.attention,
+                      dropout=args.dropout)
     model = Seq2Seq(**model_args).to(device)
+    model.decoder.fused = args.fast_bahdanau
     # fused=True: one kernel updates every parameter, instead of a handful of ops per tensor
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))
-    amp_dtype, needs_scaler = precision_for(device, "off" if args.amp == "bf16-output" else args.amp)
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    bf16_output, warning = bf16_output_layer(device.type, args.amp, cpu_has_native_bf16(), capability)
-    if warning:
-        print(warning, file=sys.stderr)
-    model.decoder.bf16_output = amp_dtype is None and bf16_output
-    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see common.choose_precision
-    amp = "bf16-output" if model.decoder.bf16_output else precision_name(amp_dtype, needs_scaler)
+    amp_dtype, scaler, amp = choose_amp(model, args, device)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, attention {args.attention}, "
           f"on {device}, autocast {amp}")
 
-    # ---- training
-    out, best_bleu, train_time, seen = Path(args.out), -1.0, 0.0, 0
-    generator = torch.Generator().manual_seed(args.seed)
-    max_len = args.max_length + 1  # decoding budget: the longest target plus <eos>
-    for epoch in range(1, args.epochs + 1):
-        model.train()
-        t0, loss_sum, n_batches = time.time(), torch.zeros((), device=device), 0
-        for idx in batches(src_len, tgt_len, args.batch_size, generator):
-            # trim padding to this batch's longest (host tensors: no sync)
-            S, T = int(src_len[idx].max()), int(tgt_len[idx].max())
-            rows = idx.to(device, non_blocking=True)
-            loss = train_step(model, optimizer, scaler, src[rows, :S], src_len[idx], tgt[rows, :T],
-                              tgt_len[idx],
-                              args.teacher_forcing, args.clip, amp_dtype)
-            loss_sum += loss
-            n_batches += 1
-            seen += len(idx)
-            out_of_time = args.time_limit and train_time + time.time() - t0 > args.time_limit
-            if out_of_time or args.dry_run and n_batches == 2:
-                break
-        synchronize(device)  # the epoch's GPU work is done before the clock is read
-        dt = time.time() - t0
-        train_time += dt
-        bleu, exact, outputs = translate_split(model, val_pairs, src_vocab, tgt_vocab, device, max_len)
-        remaining = train_time / epoch * (args.epochs - epoch)
-        if args.time_limit:
-            remaining = max(0.0, min(remaining, args.time_limit - train_time))
-        print(f"epoch {epoch}/{args.epochs} | loss {loss_sum.item() / n_batches:.4f} | "
-              f"{n_batches * args.batch_size / dt:,.0f} pairs/s | "
-              f"{1000 * dt / n_batches:.1f} ms/step | elapsed {train_time:.0f}s | eta {remaining:.0f}s | val "
-              f"BLEU {bleu:.4f} exact {100 * exact:.1f}%")
-        for (s, t), o in list(zip(val_pairs, outputs))[:2]:
-            print(f"  > {s}\n  = {t}\n  < {o}")
-        if bleu > best_bleu:
-            best_bleu = bleu
-            save_checkpoint({
-                "kind": "seq2seq",  # sample.py refuses checkpoints of other scripts
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
-                "src_vocab": src_vocab.words, "tgt_vocab": tgt_vocab.words, "max_length": args.max_length,
-                "reverse_source": args.reverse_source, "epoch": epoch, "best_val_bleu": best_bleu,
-                "config": vars(args),
-            }, out)
-        if args.time_limit and train_time > args.time_limit:
-            print(f"time limit of {args.time_limit:.0f}s reached")
-            break
+    out = Path(args.out)
+    save = lambda epoch, bleu: save_checkpoint({
+        "kind": "seq2seq",  # sample.py refuses checkpoints of other scripts
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
+        "src_vocab": src_vocab.words, "tgt_vocab": tgt_vocab.words, "max_length": args.max_length,
+        "reverse_source": args.reverse_source, "epoch": epoch, "best_val_bleu": bleu,
+        "config": vars(args)}, out)
+    best_bleu, seen, train_time = fit(model, optimizer, scaler, data, val_pairs, (src_vocab, tgt_vocab), args,
+                                      amp_dtype, save)
 
     # ---- the best epoch on the test split, which neither training nor model selection saw
     ckpt, model, _, _ = load_checkpoint(out, device)
-    bleu, exact, outputs = translate_split(model, test_pairs, src_vocab, tgt_vocab, device, max_len,
-                                           beam=args.beam)
-    print(f"test ({len(test_pairs)} held-out pairs, "
-          f"{'beam ' + str(args.beam) if args.beam > 1 else 'greedy'}): "
+    model.decoder.fused = args.fast_bahdanau
+    bleu, exact, outputs = translate_split(model, test_pairs, src_vocab, tgt_vocab, device,
+                                           args.max_length + 1, beam=args.beam)
+    decoding = f"beam {args.beam}" if args.beam > 1 else "greedy"
+    print(f"test ({len(test_pairs)} held-out pairs, {decoding}): "
           f"BLEU {bleu:.4f} exact match {100 * exact:.1f}% (best epoch {ckpt['epoch']})")
     for (s, t), o in list(zip(test_pairs, outputs))[:4]:
         print(f"  > {s}\n  = {t}\n  < {o}")
     print(f"result: test_bleu={bleu:.4f} test_exact={100 * exact:.2f} val_bleu={best_bleu:.4f} "
-          f"attention={args.attention} "
-          f"pairs_per_s={seen / max(train_time, 1e-9):.0f} train_seconds={train_time:.1f}")
-
+          f"attention={args.attention} pairs_per_s={seen / max(train_time, 1e-9):.0f} "
+          f"train_seconds={train_time:.1f}")
 
 if __name__ == "__main__":
     main()
