@@ -321,8 +321,8 @@ def generate_fast(decoders, z, n, temperature=1.0, seed=0, block=512):
     # (L, K, B, F, 2C)
     frame_bias = ((torch.stack([torch.stack(c[0]) for c in conds], 1) + bias[:, :, None, None]) * half)
     frame_bias = frame_bias.permute(3, 0, 1, 2, 4).contiguous()  # (F, L, K, B, 2C): one frame is one block
-    # (F, K, B, S)
     head_bias = torch.stack([d.head1.bias for d in decoders])[:, None, None]  # (K, 1, 1, S)
+    # (F, K, B, S)
     head_frame = (torch.stack([c[1] for c in conds]) + head_bias).permute(2, 0, 1, 3).contiguous()
     # tanh(a) * sigmoid(g) = (t_a + t_a * t_g) / 2, the / 2 folded into the next products. Each gate
     # output carries a constant 1 in an extra column, so the products below add their biases too.
@@ -345,9 +345,8 @@ def generate_fast(decoders, z, n, temperature=1.0, seed=0, block=512):
     # one ring buffer per layer, end to end
     offsets = torch.tensor([0] + dec.dilations[:-1], device=device).cumsum(0)
     period = max(dec.dilations)  # every t % d repeats with this period: the ring rows of step t, tabled once
-    # (period, L)
     dilations = torch.tensor(dec.dilations, device=device)
-    slots = torch.arange(period, device=device)[:, None] % dilations + offsets
+    slots = torch.arange(period, device=device)[:, None] % dilations + offsets  # (period, L)
     # W0 x of the last d steps: zero before the start
     ring = torch.zeros(sum(dec.dilations), K, B, 2 * C, **dt)
     vocab_offset = (torch.arange(K, device=device) * (MU + 1))[:, None]
@@ -454,10 +453,11 @@ def read_notes(path, rate):
             fail(f"{path} row {k}: {len(row)} columns, the header names {len(header)}")
         except ValueError:
             fail(f"{path} row {k}: onset_s, offset_s and midi must be numbers, not {','.join(row)!r}")
-        if not (math.isfinite(onset) and onset >= 0 and offset > onset and 0 < midi < 128):
-            fail(f"{path} row {k}: a note needs 0 <= onset_s < offset_s and a MIDI number from 1 to 127, "
+        if not (math.isfinite(onset) and onset >= 0 and offset >= onset and 0 < midi < 128):
+            fail(f"{path} row {k}: a note needs 0 <= onset_s <= offset_s and a MIDI number from 1 to 127, "
                  f"not {','.join(row)!r}")
-        notes.append((round(onset * rate), round((offset - onset) * rate), midi))
+        if offset > onset:  # a note of no length (an automatic alignment writes some) sounds nowhere
+            notes.append((round(onset * rate), round((offset - onset) * rate), midi))
     return notes
 
 
@@ -487,6 +487,46 @@ def folder_audio(data, rate):
     if len(out) < 2:
         fail(f"--data {data} has {len(out)} usable domain(s): need at least 2 sub-folders of .wav files")
     return out, scores
+
+
+def load_audio(args, say):
+    """The training and held-out clips per domain, {domain: [(T,) float32]}, and their scores: the
+    melodies' notes on the built-in data (a list shared by every domain), else each clip's notes from
+    its NAME.csv or None ({domain: [notes or None]}); the training scores only on the built-in data."""
+    train, test, train_scores = {}, {}, None
+    if args.data == "builtin":  # the last --eval-melodies melodies are held out, with their scores
+        audio, tunes = builtin_audio(args.melodies + args.eval_melodies, args.seconds, args.rate, args.seed)
+        train = {d: clips[:args.melodies] for d, clips in audio.items()}
+        test = {d: clips[args.melodies:] for d, clips in audio.items()}
+        train_scores, test_scores = tunes[:args.melodies], tunes[args.melodies:]
+    else:
+        audio, notes = folder_audio(args.data, args.rate)
+        if args.test_data:
+            test, test_scores = folder_audio(args.test_data, args.rate)
+            if sorted(test) != sorted(audio):
+                fail(f"--test-data {args.test_data} holds {', '.join(sorted(test))}, but --data holds "
+                     f"{', '.join(sorted(audio))}: give both the same sub-folders")
+            train, test, test_scores = audio, {d: test[d] for d in audio}, {d: test_scores[d] for d in audio}
+        else:
+            test_scores = {}
+            for d, clips in audio.items():
+                order = list(range(len(clips)))
+                random.Random(args.seed).shuffle(order)
+                n_test = max(1, round(args.test_frac * len(clips)))
+                test[d], train[d] = [clips[i] for i in order[:n_test]], [clips[i] for i in order[n_test:]]
+                test_scores[d] = [notes[d][i] for i in order[:n_test]]
+    domains = list(train)
+    if args.batch_size < len(domains):
+        fail(f"--batch-size {args.batch_size} is smaller than the {len(domains)} domains: every batch needs "
+             "one segment of each")
+    for d in domains:
+        if min(len(c) for c in train[d]) < args.segment + 1:
+            train[d] = [c for c in train[d] if len(c) > args.segment]
+            if not train[d]:
+                fail(f"domain {d}: every training clip is shorter than --segment {args.segment} samples")
+    say(f"data: {', '.join(f'{d} {len(train[d])} train / {len(test[d])} test clips' for d in domains)}; "
+        f"{args.rate} Hz")
+    return train, test, train_scores, test_scores
 
 
 # ----------------------------------------------------------------------------- training
@@ -551,25 +591,32 @@ def train_step(ae, dc, opt, opt_dc, scaler, audio_in, prev, target, domain, dc_l
     # 1) the domain classifier, on the latent of the encoder as it is
     with torch.no_grad(), autocast(device, amp_dtype):
         z = model.encoder(audio_in)
+    opt_dc.zero_grad(set_to_none=True)
     with autocast(device, amp_dtype):
         dc_loss = F.cross_entropy(dc(z.float()), d_idx)
-    opt_dc.zero_grad(set_to_none=True)
-    scaler.scale(dc_loss).backward()  # with the scaler off (fp32, bf16) these are plain backward() ...
-    scaler.unscale_(opt_dc)  # fp16: true gradients before clipping
-    nn.utils.clip_grad_value_(classifier.parameters(), 1.0)
-    scaler.step(opt_dc)  # ... and step()
+    backward_and_step(dc_loss, opt_dc, classifier.parameters(), scaler)
     # 2) encoder and decoders: reconstruct, minus lambda times the classifier's loss
+    opt.zero_grad(set_to_none=True)
     with autocast(device, amp_dtype):
         rec, z = ae(audio_in, prev, target, domain)
         confusion = F.cross_entropy(classifier(z.float()), d_idx)
         loss = rec - dc_lambda * confusion
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(opt)
-    nn.utils.clip_grad_value_(model.parameters(), 1.0)  # the reference clips by value at 1
-    scaler.step(opt)
-    scaler.update()  # once per step, after both optimizers (the AMP recipe for several optimizers)
+    backward_and_step(loss, opt, model.parameters(), scaler)
+    scaler.update()  # fp16: once per step, after both optimizers (the AMP recipe for several optimizers)
     return rec.detach(), confusion.detach()
+
+
+def backward_and_step(loss, optimizer, params, scaler):
+    """Backward, every gradient clipped to [-1, 1] (the reference clips by value), and the step."""
+    if not scaler.is_enabled():
+        loss.backward()
+        nn.utils.clip_grad_value_(params, 1.0)
+        optimizer.step()
+    else:  # fp16 mixed precision: the loss scaled up so small gradients do not round to zero
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # the true gradients, before clipping
+        nn.utils.clip_grad_value_(params, 1.0)
+        scaler.step(optimizer)  # skipped if a gradient overflowed
 
 
 def save_checkpoint(obj, path):
@@ -598,6 +645,80 @@ def load_checkpoint(path, device):
     model.load_state_dict(ckpt["model"])
     model.to(device)
     return ckpt, model.eval()
+
+
+def make_batch(data, domain_of, args, g, g_dev):
+    """One training batch: a random segment per item of its domain, as the encoder's (augmented)
+    input (B, T), the decoder's teacher-forced input prev (B, T) and its target classes (B, T)."""
+    clean = data.batch(domain_of, g)  # (B, segment + 1)
+    codes = mu_law_encode(clean)
+    prev, target = codes[:, :-1], codes[:, 1:]  # predict each sample from the ones before it
+    # a noisy past: the decoder cannot just continue the waveform, it must read the latent
+    if args.input_noise:
+        noise = torch.randn(prev.shape, generator=g_dev, device=clean.device)
+        prev = mu_law_encode((clean[:, :-1] + args.input_noise * noise).clamp(-1, 1))
+    audio_in = augment(clean[:, :-1], g) if args.augment else clean[:, :-1]
+    return audio_in, prev, target
+
+
+def autoencoder_lr(args, step, progress):
+    """The reference's slow decay, and ten times lower for the last --anneal of training (by steps or
+    by the clock, whichever is further), where the decoders settle on following the code."""
+    return args.lr * args.lr_decay ** ((step - 1) // 1000) * (0.1 if progress >= 1 - args.anneal else 1)
+
+
+def fit(ae, dc, opt, opt_dc, scaler, data, args, amp_dtype, say, rank=0, world=1):
+    """The training loop: alternate the classifier's step and the autoencoder's (Mor et al. eq. 1-2),
+    every domain in every batch so that every decoder trains. Returns the steps taken, the first and
+    the last logged reconstruction loss (bits per sample), the last domain loss and the seconds."""
+    g = torch.Generator().manual_seed(args.seed + 1000 * rank)  # on the host: which clips, where, what shift
+    g_dev = torch.Generator(device=data.audio.device).manual_seed(args.seed + 1000 * rank)  # the input noise
+    domain_of = torch.arange(args.batch_size) % len(data.n_clips)
+    log = Log(args, data.segment, world, len(data.n_clips), data.audio.device, say)
+    for step in range(1, args.steps + 1):
+        audio_in, prev, target = make_batch(data, domain_of, args, g, g_dev)
+        progress = max((step - 1) / args.steps, log.elapsed() / args.time_limit if args.time_limit else 0)
+        for group in opt.param_groups:
+            group["lr"] = autoencoder_lr(args, step, progress)
+        rec, confusion = train_step(ae, dc, opt, opt_dc, scaler, audio_in, prev, target, domain_of,
+                                    args.dc_lambda, amp_dtype)
+        last = step == args.steps or (args.time_limit and log.elapsed() > args.time_limit)
+        log.add(step, rec, confusion, last)
+        if last:
+            break
+    return step, log.first.item() / math.log(2), log.final_bits, confusion.item(), log.elapsed()
+
+
+class Log:
+    """The progress lines: the mean losses of the last --log-every steps, summed on the device and read
+    only when a line is printed, so that a step never waits for the GPU."""
+
+    def __init__(self, args, segment, world, n_domains, device, say):
+        self.args, self.segment, self.world, self.n_domains, self.device, self.say = (args, segment, world,
+                                                                                       n_domains, device, say)
+        self.start, self.first, self.final_bits = time.time(), None, None
+        self.rec, self.dc, self.n = torch.zeros((), device=device), torch.zeros((), device=device), 0
+
+    def elapsed(self):
+        return time.time() - self.start
+
+    def add(self, step, rec, confusion, last):
+        args = self.args
+        if step == 1:
+            self.first = rec  # read at the end, not now: reading it would wait for the GPU
+        self.rec, self.dc, self.n = self.rec + rec, self.dc + confusion, self.n + 1
+        if step % args.log_every and not last:
+            return
+        synchronize(self.device)  # the GPU's queued steps are done before the clock is read
+        elapsed = self.elapsed()
+        self.final_bits = self.rec.item() / self.n / math.log(2)  # reported at the end: steadier than a step
+        total = min(args.steps, args.steps if not args.time_limit else int(step * args.time_limit / elapsed))
+        self.say(f"step {step}/{args.steps} | loss {self.final_bits:.3f} bits/sample | domain loss "
+                 f"{self.dc.item() / self.n:.3f} (chance {math.log(self.n_domains):.3f}) | "
+                 f"{step * args.batch_size * self.segment * self.world / elapsed:,.0f} samples/s | "
+                 f"{1000 * elapsed / step:.0f} ms/step | elapsed {elapsed:.0f}s | eta "
+                 f"{max(0, (total - step)) * elapsed / step:.0f}s")
+        self.rec, self.dc, self.n = self.rec.new_zeros(()), self.dc.new_zeros(()), 0
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -1090,6 +1211,69 @@ def result_fields(rows):
                                         ("silence", "silence_")) for r in [rows[kind]])
 
 
+def fit_judges(args, train, test, train_scores, say):
+    """A judge of timbre for the evaluation and for sample.py: on the built-in data the partial levels
+    at the written pitch (TimbreClassifier); on recordings, which have no score to read the partials
+    at, a learned InstrumentJudge, validated on the held-out clips clean and noisy. Returns (timbre,
+    judge, {noise width: [right or not per held-out clip]}), the unused ones None."""
+    if args.data == "builtin":
+        return TimbreClassifier.fit({d: clips[:24] for d, clips in train.items()}, train_scores[:24],
+                                    args.rate), None, None
+    t0 = time.time()
+    judge = InstrumentJudge.fit(train, args.rate, steps=60 if args.dry_run else 600, seed=args.seed)
+    heard = {w: [judge.hears(mu_law_noise(c, w, 0) if w else c) == d for d, clips in test.items()
+                 for c in clips] for w in (0, 4)}
+    say(f"instrument judge, trained on the training clips ({time.time() - t0:.1f}s): right on "
+        f"{100 * np.mean(heard[0]):.1f}% of the held-out clips, {100 * np.mean(heard[4]):.1f}% with a "
+        "decoder's sampling noise (+-4 mu-law classes)")
+    return None, judge, heard
+
+
+def builtin_report(model, args, train, test, train_scores, test_scores, timbre, device, say):
+    """The end of a built-in run: every held-out melody translated and scored (print_report), and the
+    latent probes. Returns the result line's fields."""
+    t0 = time.time()
+    rows, who, _ = translation_report(model, test, test_scores, args.rate, device, args.eval_seconds, timbre,
+                                      args.temperature)
+    n = int(args.eval_seconds * args.rate)
+    clean = np.mean([timbre(c[:n], written_pitch(notes, n, args.rate)) == d
+                     for d, clips in test.items() for c, notes in zip(clips, test_scores)])
+    say(f"translation of {len(test_scores)} held-out melodies, {args.eval_seconds:.1f} s each, from every "
+        f"domain into every other ({len(who['translation'])} clips), in {time.time() - t0:.1f}s; 95% "
+        "intervals over melodies:")
+    say(f"  timbre classifier (partial levels at the written pitch): right on {100 * clean:.1f}% of the true "
+        f"renderings, {100 * np.mean(rows['topline']['target']):.1f}% of the decoders' reconstructions "
+        "(topline)")
+    print_report(rows, who, list(test), say)
+    fields = result_fields(rows) + f" classifier_clean={100 * clean:.1f}"
+    t0 = time.time()
+    probe = latent_probe(model, train, train_scores, test, test_scores, args.rate, device, args.eval_seconds,
+                         steps=20 if args.dry_run else 300)  # a dry run takes seconds
+    pct = {k: f"{100 * v:.1f}%" for k, v in probe.items()}
+    say(f"latent probes (fresh judges trained on the frozen code of training melodies, scored on held-out "
+        f"frames inside notes, {time.time() - t0:.1f}s): the instrument named in {pct['domain_frame']} from "
+        f"one frame, {pct['domain']} from 21 frames (chance {100 / len(test):.1f}%); the written note in "
+        f"{pct['note_linear']} by a linear probe, {pct['note']} from 21 frames (the commonest note "
+        f"{pct['common_note']})")
+    return fields + "".join(f" probe_{k}={100 * v:.1f}" for k, v in probe.items())
+
+
+def recordings_report(model, args, test, test_scores, judge, heard, device, say):
+    """The end of a run on recordings: every held-out clip translated into every other domain and
+    scored (print_report). Returns the result line's fields."""
+    t0 = time.time()
+    rows, who, same = folder_report(model, test, test_scores, args.rate, device, args.eval_seconds, judge,
+                                    args.temperature)
+    say(f"translation of every held-out clip ({args.eval_seconds:.1f} s of each) into every other domain "
+        f"({len(who['translation'])} clips), in {time.time() - t0:.1f}s; pitch against the clip's notes "
+        "where it has a .csv, else against its own f0; "
+        + ("the clips are parallel, so the log-mel distance is to the true rendering"
+           if same else "the clips are not parallel: no true rendering to compare spectra with"))
+    print_report(rows, who, list(test), say)
+    return (result_fields(rows) + f" judge_clean={100 * np.mean(heard[0]):.1f} "
+            f"judge_noisy={100 * np.mean(heard[4]):.1f}")
+
+
 # ----------------------------------------------------------------------------- built-in instruments
 # Three timbres play the same melodies, so the true translation of every input is known:
 #   pluck: a Karplus-Strong string (its plucked shape circulating in a damped delay loop): bright
@@ -1162,7 +1346,7 @@ def builtin_audio(n_melodies, seconds, rate, seed):
 # ----------------------------------------------------------------------------- main
 
 
-def main():
+def get_args():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="builtin",
@@ -1206,8 +1390,8 @@ def main():
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="sampling temperature of the final translations (default: %(default)s)")
     parser.add_argument("--dc-lambda", type=float, default=0.2,
-                        help="weight of domain confusion (reference 1e-2; the lesson page has a sweep) "
-                             "(default: %(default)s)")
+                        help="weight of domain confusion (reference 1e-2; the lesson page's exercises try "
+                             "others) (default: %(default)s)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="pitch augmentation of the encoder's input (default: %(default)s)")
     parser.add_argument("--level-norm", action=argparse.BooleanOptionalAction, default=True,
@@ -1256,148 +1440,56 @@ def main():
     if args.dry_run:  # pytorch/examples' --dry-run: the whole script once, on the least data
         args.steps, args.melodies, args.eval_melodies, args.eval_seconds, args.log_every = 2, 6, 2, 0.25, 1
 
-    # ---- processes: torchrun sets WORLD_SIZE and LOCAL_RANK; each process trains on its own batches
+    return args
+
+
+def setup_processes(args):
+    """torchrun sets WORLD_SIZE and LOCAL_RANK; each process then trains on its own batches.
+    Returns the device, this process's rank, the number of processes and whether it is distributed."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     distributed = "LOCAL_RANK" in os.environ  # under torchrun, even with one process
-    if distributed:
-        device, backend = torchrun_device(args.device)  # GPU number LOCAL_RANK (NCCL), or the CPU (Gloo)
-        dist.init_process_group(backend)
-    else:
-        device = get_device(args.device)
+    if not distributed:
+        return get_device(args.device), rank, world, distributed
+    device, backend = torchrun_device(args.device)  # GPU number LOCAL_RANK (NCCL), or the CPU (Gloo)
+    dist.init_process_group(backend)
+    return device, rank, world, distributed
+
+
+def main():
+    args = get_args()
+    device, rank, world, distributed = setup_processes(args)
     say = print if rank == 0 else (lambda *a, **k: None)
     say("settings:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
     seed_everything(args.seed, args.deterministic)  # the same data and initial weights in every process
     if device.type == "cuda" and not args.deterministic:
-        # fixed shapes: time cuDNN's convolution algorithms once, keep the fastest
-        torch.backends.cudnn.benchmark = True
-
-    # ---- data
-    train, test = {}, {}
-    if args.data == "builtin":  # the last --eval-melodies melodies are held out, with their scores
-        audio, tunes = builtin_audio(args.melodies + args.eval_melodies, args.seconds, args.rate, args.seed)
-        train = {d: clips[:args.melodies] for d, clips in audio.items()}
-        test = {d: clips[args.melodies:] for d, clips in audio.items()}
-        train_scores, test_scores = tunes[:args.melodies], tunes[args.melodies:]
-    else:
-        audio, notes = folder_audio(args.data, args.rate)
-        if args.test_data:
-            test, test_scores = folder_audio(args.test_data, args.rate)
-            if sorted(test) != sorted(audio):
-                fail(f"--test-data {args.test_data} holds {', '.join(sorted(test))}, but --data holds "
-                     f"{', '.join(sorted(audio))}: give both the same sub-folders")
-            train, test, test_scores = audio, {d: test[d] for d in audio}, {d: test_scores[d] for d in audio}
-        else:
-            test_scores = {}
-            for d, clips in audio.items():
-                order = list(range(len(clips)))
-                random.Random(args.seed).shuffle(order)
-                n_test = max(1, round(args.test_frac * len(clips)))
-                test[d], train[d] = [clips[i] for i in order[:n_test]], [clips[i] for i in order[n_test:]]
-                test_scores[d] = [notes[d][i] for i in order[:n_test]]
+        torch.backends.cudnn.benchmark = True  # fixed shapes: time cuDNN's algorithms once, keep the fastest
+    train, test, train_scores, test_scores = load_audio(args, say)
     domains = list(train)
-    if args.batch_size < len(domains):
-        fail(f"--batch-size {args.batch_size} is smaller than the {len(domains)} domains: every batch needs "
-             "one segment of each")
-    for d in domains:
-        if min(len(c) for c in train[d]) < args.segment + 1:
-            train[d] = [c for c in train[d] if len(c) > args.segment]
-            if not train[d]:
-                fail(f"domain {d}: every training clip is shorter than --segment {args.segment} samples")
-    say(f"data: {', '.join(f'{d} {len(train[d])} train / {len(test[d])} test clips' for d in domains)}; "
-        f"{args.rate} Hz")
 
-    # ---- model
     model_args = dict(domains=domains, enc_channels=args.enc_channels, enc_blocks=args.enc_blocks,
-                      enc_layers=args.enc_layers,
-                      latent=args.latent, pool=args.pool, dec_channels=args.dec_channels,
-                      skip_channels=args.skip_channels,
+                      enc_layers=args.enc_layers, latent=args.latent, pool=args.pool,
+                      dec_channels=args.dec_channels, skip_channels=args.skip_channels,
                       dec_blocks=args.dec_blocks, dec_layers=args.dec_layers, level_norm=args.level_norm)
     model = UMTN(**model_args).to(device)
     classifier = DomainClassifier(args.latent, args.dc_channels, len(domains), args.dc_kernel,
                                   args.dc_dropout).to(device)
-    ae, dc = model, classifier
-    if distributed:  # gradients are averaged across processes inside backward()
-        ae, dc = DDP(model), DDP(classifier)
+    # DDP averages gradients across processes inside backward()
+    ae, dc = (DDP(model), DDP(classifier)) if distributed else (model, classifier)
     fused = device.type in ("cpu", "cuda")  # one kernel updates every tensor
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=fused)
     opt_dc = torch.optim.Adam(classifier.parameters(), lr=args.lr, fused=fused)
-    segment = args.segment - args.segment % args.pool  # whole latent frames
-    data = SegmentPool({d: train[d] for d in domains}, segment, device)
+    data = SegmentPool(train, args.segment - args.segment % args.pool, device)  # whole latent frames
     amp_dtype, needs_scaler = precision_for(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see common.choose_precision
     say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({len(domains)} decoders, "
-        "receptive field "
-        f"{model.decoders[0].receptive_field()} samples), domain classifier "
+        f"receptive field {model.decoders[0].receptive_field()} samples), domain classifier "
         f"{sum(p.numel() for p in classifier.parameters()):,}; on {device}"
         + (f", {world} processes" if world > 1 else "")
         + f"; autocast {precision_name(amp_dtype, needs_scaler)}")
 
-    # ---- training: alternate the classifier's step and the autoencoder's step (Mor et al. eq. 1-2)
-    # on the host: which clips, where, how much pitch shift
-    g = torch.Generator().manual_seed(args.seed + 1000 * rank)
-    # on the device: the input noise
-    g_dev = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank)
-    # every domain in every batch, so every decoder trains
-    domain_of = torch.arange(args.batch_size) % len(domains)
-    out, t_start = Path(args.out), time.time()
-    # summed on the device
-    log_rec, log_dc, log_n = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    for step in range(1, args.steps + 1):
-        clean = data.batch(domain_of, g)  # (B, segment + 1): one random segment per item
-        codes = mu_law_encode(clean)
-        prev, target = codes[:, :-1], codes[:, 1:]  # predict each sample from the ones before it
-        # a noisy past: the decoder cannot just continue the waveform, it must read the latent
-        if args.input_noise:
-            noise = torch.randn(prev.shape, generator=g_dev, device=device)
-            prev = mu_law_encode((clean[:, :-1] + args.input_noise * noise).clamp(-1, 1))
-        audio_in = augment(clean[:, :-1], g) if args.augment else clean[:, :-1]
-
-        # the autoencoder's rate: the reference's slow decay, and ten times lower for the last --anneal
-        # of training (by steps or by the clock, whichever is further), where the decoders settle on
-        # following the code
-        progress = max((step - 1) / args.steps,
-                       (time.time() - t_start) / args.time_limit if args.time_limit else 0)
-        for group in opt.param_groups:
-            group["lr"] = (args.lr * args.lr_decay ** ((step - 1) // 1000)
-                           * (0.1 if progress >= 1 - args.anneal else 1))
-        rec, confusion = train_step(ae, dc, opt, opt_dc, scaler, audio_in, prev, target, domain_of,
-                                    args.dc_lambda, amp_dtype)
-
-        if step == 1:
-            first_rec = rec
-        log_rec, log_dc, log_n = log_rec + rec, log_dc + confusion, log_n + 1
-        elapsed = time.time() - t_start
-        last = step == args.steps or (args.time_limit and elapsed > args.time_limit)
-        if step % args.log_every == 0 or last:
-            synchronize(device)  # the GPU's queued steps are done before the clock is read
-            elapsed = time.time() - t_start
-            # reported at the end: the last window's mean, steadier than one step
-            final_bits = log_rec.item() / log_n / math.log(2)
-            total = min(args.steps,
-                        args.steps if not args.time_limit else int(step * args.time_limit / elapsed))
-            say(f"step {step}/{args.steps} | loss {final_bits:.3f} bits/sample | domain loss "
-                f"{log_dc.item() / log_n:.3f} "
-                f"(chance {math.log(len(domains)):.3f}) | "
-                f"{step * args.batch_size * segment * world / elapsed:,.0f} samples/s | "
-                f"{1000 * elapsed / step:.0f} ms/step | elapsed {elapsed:.0f}s | eta "
-                f"{max(0, (total - step)) * elapsed / step:.0f}s")
-            log_rec, log_dc, log_n = torch.zeros((), device=device), torch.zeros((), device=device), 0
-        if last:
-            break
-    first_bits = first_rec.item() / math.log(2)
-    train_time = time.time() - t_start
-    timbre = judge = None
-    if rank == 0 and args.data == "builtin":  # a judge of timbre for the evaluation and for sample.py
-        timbre = TimbreClassifier.fit({d: clips[:24] for d, clips in train.items()}, train_scores[:24],
-                                      args.rate)
-    elif rank == 0:  # recordings have no score to read the partials at: a learned judge
-        t0 = time.time()
-        judge = InstrumentJudge.fit(train, args.rate, steps=60 if args.dry_run else 600, seed=args.seed)
-        heard = {w: [judge.hears(mu_law_noise(c, w, 0) if w else c) == d for d, clips in test.items()
-                     for c in clips] for w in (0, 4)}
-        say(f"instrument judge, trained on the training clips ({time.time() - t0:.1f}s): right on "
-            f"{100 * np.mean(heard[0]):.1f}% of the held-out clips, {100 * np.mean(heard[4]):.1f}% with a "
-            "decoder's sampling noise (+-4 mu-law classes)")
+    step, first_bits, final_bits, confusion, train_time = fit(ae, dc, opt, opt_dc, scaler, data, args,
+                                                             amp_dtype, say, rank, world)
+    timbre, judge, heard = fit_judges(args, train, test, train_scores, say) if rank == 0 else (None,) * 3
     if rank == 0:
         save_checkpoint({"kind": "umtn", "model": model.state_dict(), "classifier": classifier.state_dict(),
                          "optimizer": opt.state_dict(), "model_args": model_args, "domains": domains,
@@ -1406,57 +1498,20 @@ def main():
                          "timbre_centres": (torch.tensor(timbre.centres, dtype=torch.float32) if timbre
                                             else None),
                          "judge": judge.state_dict() if judge else None,
-                         "step": step, "config": vars(args)}, out)
-        say(f"saved {out}")
+                         "step": step, "config": vars(args)}, Path(args.out))
+        say(f"saved {args.out}")
 
-    # ---- how good is the translation? (builtin: the true rendering of every held-out melody is known)
-    samples_per_s = step * args.batch_size * segment * world / train_time
     result = (f"result: bits_per_sample={final_bits:.3f} first_bits={first_bits:.3f} "
-              f"domain_loss={confusion.item():.3f} chance_domain_loss={math.log(len(domains)):.3f} "
-              f"samples_per_s={samples_per_s:.0f} train_seconds={train_time:.1f} world={world}")
-    if rank == 0 and args.data == "builtin" and args.eval_seconds > 0:
-        t0 = time.time()
-        rows, who, _ = translation_report(model, test, test_scores, args.rate, device, args.eval_seconds,
-                                          timbre, args.temperature)
-        n = int(args.eval_seconds * args.rate)
-        clean = np.mean([timbre(c[:n], written_pitch(notes, n, args.rate)) == d
-                         for d, clips in test.items() for c, notes in zip(clips, test_scores)])
-        say(f"translation of {len(test_scores)} held-out melodies, {args.eval_seconds:.1f} s each, from "
-            "every domain into every "
-            f"other ({len(who['translation'])} clips), in {time.time() - t0:.1f}s; 95% intervals over "
-            "melodies:")
-        say(f"  timbre classifier (partial levels at the written pitch): right on {100 * clean:.1f}% of the "
-            "true renderings, "
-            f"{100 * np.mean(rows['topline']['target']):.1f}% of the decoders' reconstructions (topline)")
-        print_report(rows, who, domains, say)
-        result += result_fields(rows)
-        result += f" classifier_clean={100 * clean:.1f}"
-        t0 = time.time()
-        probe = latent_probe(model, train, train_scores, test, test_scores, args.rate, device,
-                             args.eval_seconds, steps=20 if args.dry_run else 300)  # a dry run takes seconds
-        pct = {k: f"{100 * v:.1f}%" for k, v in probe.items()}
-        say(f"latent probes (fresh judges trained on the frozen code of training melodies, scored on "
-            f"held-out frames inside notes, {time.time() - t0:.1f}s): the instrument named in "
-            f"{pct['domain_frame']} from one frame, {pct['domain']} from 21 frames (chance "
-            f"{100 / len(domains):.1f}%); the written note in {pct['note_linear']} by a linear probe, "
-            f"{pct['note']} from 21 frames (the commonest note {pct['common_note']})")
-        result += "".join(f" probe_{k}={100 * v:.1f}" for k, v in probe.items())
-    if rank == 0 and args.data != "builtin" and args.eval_seconds > 0:
-        t0 = time.time()
-        rows, who, same = folder_report(model, test, test_scores, args.rate, device, args.eval_seconds, judge,
-                                        args.temperature)
-        say(f"translation of every held-out clip ({args.eval_seconds:.1f} s of each) into every other "
-            f"domain ({len(who['translation'])} clips), in {time.time() - t0:.1f}s; pitch against the "
-            "clip's notes where it has a .csv, else against its own f0; "
-            + ("the clips are parallel, so the log-mel distance is to the true rendering"
-               if same else "the clips are not parallel: no true rendering to compare spectra with"))
-        print_report(rows, who, domains, say)
-        result += result_fields(rows)
-        result += f" judge_clean={100 * np.mean(heard[0]):.1f} judge_noisy={100 * np.mean(heard[4]):.1f}"
+              f"domain_loss={confusion:.3f} chance_domain_loss={math.log(len(domains)):.3f} "
+              f"samples_per_s={step * args.batch_size * data.segment * world / train_time:.0f} "
+              f"train_seconds={train_time:.1f} world={world}")
+    if rank == 0 and args.eval_seconds > 0:
+        result += (builtin_report(model, args, train, test, train_scores, test_scores, timbre, device, say)
+                   if args.data == "builtin" else
+                   recordings_report(model, args, test, test_scores, judge, heard, device, say))
     say(result)
     if distributed:
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()
