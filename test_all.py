@@ -431,6 +431,30 @@ def test_every_train_script_has_a_dry_run_that_sample_reads_with_a_macs_limits()
     assert asked == ["cpu"] * 4, asked
 
 
+def test_every_lesson_reads_as_a_lesson():
+    # main() is a table of contents and the epoch (or step) loop a function a student can copy; every
+    # exercise on a lesson page has a measured answer
+    import ast
+    for folder in ("blitz", "classifier", "seq2seq", "tonenet", "umtn"):
+        tree = ast.parse((ROOT / folder / "train.py").read_text(encoding="utf-8"))
+        functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+        # lines of code, the docstring left out
+        code_lines = lambda f: f.end_lineno - f.body[isinstance(f.body[0], ast.Expr)].lineno + 1
+        assert code_lines(functions["main"]) <= 60, (folder, "main", code_lines(functions["main"]))
+        assert code_lines(functions["fit"]) <= 30, (folder, "fit", code_lines(functions["fit"]))
+        source = (ROOT / folder / "train.py").read_text(encoding="utf-8")
+        step = "".join(ast.get_source_segment(source, functions[name])
+                       for name in ("train_step", "backward_and_step") if name in functions)
+        plain = step.index("not scaler.is_enabled()")  # the plain step first, fp16 in its own branch
+        assert plain < step.index("scaler.scale("), folder
+        page = (ROOT / folder / "README.md").read_text(encoding="utf-8")
+        exercises = page.split("\n## Exercises", 1)[1].split("\n## ", 1)[0]
+        items = re.split(r"\n(?=\d+\. )", "\n" + exercises.strip())[1:]
+        assert len(items) >= 4, (folder, len(items))
+        unanswered = [item.split("\n")[0][:60] for item in items if "*Observe:*" not in item]
+        assert not unanswered, (folder, unanswered)
+
+
 def test_every_train_script_has_the_one_amp_flag():
     for script in ("blitz/train.py", "classifier/train.py", "seq2seq/train.py", "tonenet/train.py",
                    "umtn/train.py"):
@@ -660,6 +684,7 @@ def test_seq2seq_fused_bahdanau_step_equals_the_tutorials():
 
 def test_seq2seq_other_attentions_and_free_running_train():
     for extra in (["--attention", "bahdanau", "--teacher-forcing", "0.5", "--no-bidirectional"],
+                  ["--attention", "bahdanau", "--fast-bahdanau", "--layers", "2"],
                   ["--attention", "concat", "--layers", "2", "--reverse-source", "--beam", "3"]):
         out, _ = run("seq2seq/train.py", "--dry-run", "--hidden", 32, "--out", TMP / "other.pt", *extra)
         assert "result:" in out
@@ -1457,6 +1482,10 @@ def test_umtn_notes_csv_bad_inputs():
         todo.append(("umtn/train.py", "--data", root, "--dry-run", "--out", TMP / "bad_csv.pt",
                      expected[name]))
     all_fail_with(*todo)
+    # a note of no length, as automatic alignments of real recordings write, is read as no note
+    um = import_script("umtn/train.py")
+    (TMP / "zero_length.csv").write_text("onset_s,offset_s,midi\n0.0,0.5,60\n0.5,0.5,62\n0.5,1.0,64\n")
+    assert um.read_notes(TMP / "zero_length.csv", 8000) == [(0, 4000, 60.0), (4000, 4000, 64.0)]
 
 
 # ============================================================================= GPUs: CUDA and Apple MPS
@@ -1608,6 +1637,7 @@ def test_cuda_training_steps_never_wait_for_the_gpu():
         # running too
         for attention, teacher_forcing in (("general", 1.0), ("bahdanau", 1.0), ("general", 0.0)):
             model = s2s.Seq2Seq(50, 60, hidden=32, layers=2, attention=attention).to(dev)
+            model.decoder.fused = attention == "bahdanau"  # the fast step: the one a GPU user would pick
             opt, sc = torch.optim.Adam(model.parameters(), fused=True), scaler()
             src_len, tgt_len = torch.tensor([7, 3, 5, 6]), torch.tensor([4, 6, 2, 5])
             src, tgt = torch.randint(4, 50, (4, 7), device=dev), torch.randint(4, 60, (4, 6), device=dev)

@@ -539,8 +539,7 @@ def bf16_output_layer(device_type, choice, cpu_native_bf16, gpu_capability=None)
     """seq2seq's addition to the --amp rule of common.py: "bf16-output" runs only the (N x H x V)
     output product in bf16, and auto chooses it on a CPU with native bf16 (AVX512-BF16 or AMX),
     where that product gains from bf16 while the recurrent steps' small products lose (their
-    casts cost more than they save). The lesson page has the measurement. An explicit bf16-output
-    obeys common.py's bf16 rule: not used on MPS, warned of on a GPU without bf16 tensor cores.
+    casts cost more than they save). An explicit bf16-output obeys common.py's bf16 rule: not used on MPS, warned of on a GPU without bf16 tensor cores.
     -> (whether the output layer runs in bf16, a warning or None)."""
     if choice == "bf16-output":
         dtype, _, warning = choose_precision(device_type, "bf16", gpu_capability)
