@@ -214,7 +214,7 @@ class AirNet(nn.Module):
         # with its negative so the activation after it loses nothing. Set once by `init_whitening`.
         # The filters never train. By default there is no bias either, so no gradient has to flow
         # into the first group's input, which saves a backward pass over the largest activations;
-        # airbench trains a bias for its first 3 epochs (`whiten_bias`, frozen by main()).
+        # airbench trains a bias for its first 3 epochs (`whiten_bias`, frozen by fit()).
         self.whiten = nn.Conv2d(3, 24, 2, bias=whiten_bias)  # (B, 24, 31, 31)
         self.whiten.weight.requires_grad_(False)
         if whiten_bias:

@@ -254,8 +254,7 @@ class Seq2Seq(nn.Module):
         With beam 1 it is exactly greedy decoding. Returns (tokens, attention (L, S))."""
         memory, hidden = self.encode(src, src_len)
         memory = tuple(m.expand(beam, *m.shape[1:]) if m is not None else None for m in memory)
-        # hidden (layers, k, H) holds the k live hypotheses' states, one at the start. It is kept
-        # contiguous: cuDNN refuses a strided hx (a slice such as hidden[:, :1] with 2+ layers).
+        # hidden (layers, k, H) holds the k live hypotheses' states, one at the start
         scores = torch.zeros(1, device=src.device)  # log-probabilities of the live hypotheses
         seqs, attns = [[]], [[]]
         finished = []  # (score per token, tokens, attention rows)
@@ -283,6 +282,7 @@ class Seq2Seq(nn.Module):
             if len(finished) >= beam or not keep:
                 break
             idx = torch.tensor(keep, device=src.device)
+            # kept contiguous: cuDNN refuses a strided hx (a slice such as hidden[:, :1] with 2+ layers)
             hidden = h[:, idx].contiguous()
             scores, seqs, attns = torch.tensor(new_scores, device=src.device), new_seqs, new_attns
             token = torch.tensor([s[-1] for s in seqs], device=src.device).unsqueeze(1)
@@ -539,7 +539,8 @@ def bf16_output_layer(device_type, choice, cpu_native_bf16, gpu_capability=None)
     """seq2seq's addition to the --amp rule of common.py: "bf16-output" runs only the (N x H x V)
     output product in bf16, and auto chooses it on a CPU with native bf16 (AVX512-BF16 or AMX),
     where that product gains from bf16 while the recurrent steps' small products lose (their
-    casts cost more than they save). An explicit bf16-output obeys common.py's bf16 rule: not used on MPS, warned of on a GPU without bf16 tensor cores.
+    casts cost more than they save). An explicit bf16-output obeys common.py's bf16 rule: not used
+    on MPS, warned of on a GPU without bf16 tensor cores.
     -> (whether the output layer runs in bf16, a warning or None)."""
     if choice == "bf16-output":
         dtype, _, warning = choose_precision(device_type, "bf16", gpu_capability)
