@@ -967,6 +967,21 @@ def bootstrap(values, melody, n=1000, seed=0):
     return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def decode_per_target(model, per_target, audio_of, n, device, temperature=1.0, seed=0):
+    """Every clip encoded and decoded by its target's decoder, all targets in one generate call:
+    per_target[t] lists the clips for target t as keys (kind, k), audio_of(kind, k) gives a clip's n
+    samples. Targets with fewer clips are padded with silence. Returns {key: (n,) audio}."""
+    width = max(len(rows) for rows in per_target)
+    model.eval()
+    with torch.inference_mode():
+        inputs = [torch.stack([torch.from_numpy(np.float32(audio_of(kind, k))) for kind, k in rows]
+                              + [torch.zeros(n)] * (width - len(rows))) for rows in per_target]
+        z = torch.stack([model.encoder(x.to(device)) for x in inputs])  # (D, clips per target, L, F)
+        audio = mu_law_decode(generate(list(model.decoders), z, n, temperature, seed)).cpu().numpy()
+    model.train()
+    return {key: audio[t, j] for t, rows in enumerate(per_target) for j, key in enumerate(rows)}
+
+
 def translation_report(model, test, scores, rate, device, seconds, timbre, temperature=1.0, seed=0):
     """Translate every held-out melody from every domain into every other and score each output
     against the score and the true rendering, beside three references decoded by the same sampler:
@@ -982,18 +997,11 @@ def translation_report(model, test, scores, rate, device, seconds, timbre, tempe
     jobs = {"translation": [(s, t, i) for s, t in pairs for i in range(m)],
             "topline": [(t, t, i) for t in range(len(domains)) for i in range(m)],
             "silence": [(None, t, i) for t in range(len(domains)) for i in range(m)]}
-    model.eval()
-    with torch.inference_mode():
-        per_target = [[(kind, k) for kind in jobs for k, job in enumerate(jobs[kind]) if job[1] == t]
-                      for t in range(len(domains))]
-        audio_of = lambda kind, k: (np.zeros(n, np.float32) if kind == "silence"
-                                    else clip(jobs[kind][k][0], jobs[kind][k][2]))
-        inputs = [torch.stack([torch.from_numpy(audio_of(kind, k)) for kind, k in rows])
-                  for rows in per_target]  # equal counts per target
-        z = torch.stack([model.encoder(x.to(device)) for x in inputs])  # (D, clips per target, L, F)
-        audio = mu_law_decode(generate(list(model.decoders), z, n, temperature, seed)).cpu().numpy()
-    model.train()
-    outputs = {key: audio[t, j] for t, rows in enumerate(per_target) for j, key in enumerate(rows)}
+    per_target = [[(kind, k) for kind in jobs for k, job in enumerate(jobs[kind]) if job[1] == t]
+                  for t in range(len(domains))]
+    audio_of = lambda kind, k: (np.zeros(n, np.float32) if kind == "silence"
+                                else clip(jobs[kind][k][0], jobs[kind][k][2]))
+    outputs = decode_per_target(model, per_target, audio_of, n, device, temperature, seed)
     rows = {kind: {"pitch": [], "target": [], "mel": [], "cents": []}
             for kind in ("translation", "topline", "input", "silence")}
     for kind, todo in (*jobs.items(), ("input", jobs["translation"])):
@@ -1067,17 +1075,9 @@ def folder_report(model, test, test_notes, rate, device, seconds, judge, tempera
             "silence": [(None, t, i) for t in range(len(domains)) for i in range(len(test[domains[t]]))]}
     per_target = [[(kind, k) for kind in jobs for k, job in enumerate(jobs[kind]) if job[1] == t]
                   for t in range(len(domains))]
-    width = max(len(rows) for rows in per_target)  # targets get equal batches: padded with silence
     audio_of = lambda kind, k: (np.zeros(n, np.float32) if kind == "silence"
                                 else windows[domains[jobs[kind][k][0]], jobs[kind][k][2]][0])
-    model.eval()
-    with torch.inference_mode():
-        inputs = [torch.stack([torch.from_numpy(np.float32(audio_of(kind, k))) for kind, k in rows]
-                              + [torch.zeros(n)] * (width - len(rows))) for rows in per_target]
-        z = torch.stack([model.encoder(x.to(device)) for x in inputs])
-        audio = mu_law_decode(generate(list(model.decoders), z, n, temperature, seed)).cpu().numpy()
-    model.train()
-    outputs = {key: audio[t, j] for t, rows in enumerate(per_target) for j, key in enumerate(rows)}
+    outputs = decode_per_target(model, per_target, audio_of, n, device, temperature, seed)
     rows = {kind: {"pitch": [], "target": [], "mel": [], "cents": []}
             for kind in ("translation", "topline", "input", "silence")}
     for kind, todo in (*jobs.items(), ("input", jobs["translation"])):
