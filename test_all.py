@@ -1465,6 +1465,52 @@ def test_umtn_scores_held_out_recordings_by_their_notes():
     assert "sounds like" in out and "-> bassoon" in out, out[-1500:]
 
 
+def test_umtn_pitch_encoder_measures_pitch_and_loudness():
+    # The instruments recipe's encoder on known cases: a line of every sampled kind puts its one-hot
+    # peak on the written note inside the notes; the same line a fifth up moves it by 7 bins; silence
+    # is unvoiced and quietest; the line at half the level reads 0.15 lower (log10 2 / 2).
+    import numpy as np
+    import torch
+    um = import_script("umtn/train.py")
+    rate = 4000
+    enc = um.PitchEncoder(32, rate)
+    notes = [(int(i * 0.25 * rate), int(0.25 * rate), int(p)) for i, p in enumerate([50, 57, 62, 66, 71, 76])]
+    written = np.zeros(int(1.5 * rate) // 32)
+    for start, length, pitch in notes:  # the frames well inside each note
+        written[(start + int(0.05 * rate)) // 32:(start + length - int(0.05 * rate)) // 32] = pitch
+    inside = written > 0
+    for kind in ("violin", "clarinet", "saxophone", "bassoon"):
+        x = sampled_like(notes, kind, 1.5, rate)
+        fifth = sampled_like([(a, b, p + 7) for a, b, p in notes], kind, 1.5, rate)
+        z, z5, zq = (enc(torch.from_numpy(np.float32(v))[None])[0].numpy() for v in (x, fifth, x / 2))
+        assert z.shape == (51, len(written)), z.shape
+        peak = 36 + z[:48].argmax(0)
+        assert np.mean(peak[inside] == written[inside]) >= 0.95 and z[49][inside].mean() >= 0.95, kind
+        assert np.mean(36 + z5[:48].argmax(0)[inside] == written[inside] + 7) >= 0.95, kind
+        assert abs(np.median(z[50][inside] - zq[50][inside]) - math.log10(2) / 2) < 0.01, kind
+    silence = enc(torch.zeros(1, 2048))[0]
+    assert silence[:50].abs().max() == 0 and silence[50].max() <= -1.99
+
+
+def test_umtn_instruments_recipe_follows_the_pitch():
+    # --recipe instruments: the decoders read the measured pitch, so after a short run on two
+    # instruments a translation keeps most of the written pitch, which a decoder given the code of
+    # silence (no pitch at all) does not; the settings line shows what the recipe set.
+    kinds = ("clarinet", "bassoon")
+    write_instrument_folder(TMP / "recipe_train", kinds, random_lines(6, 4), rate=4000)
+    write_instrument_folder(TMP / "recipe_test", kinds, random_lines(2, 5), rate=4000)
+    ckpt = TMP / "recipe_umtn.pt"
+    out, _ = run("umtn/train.py", "--recipe", "instruments", "--data", TMP / "recipe_train", "--test-data",
+                 TMP / "recipe_test", *UMTN_SMALL, "--steps", 600, "--eval-seconds", 1.5, "--out", ckpt)
+    r = result(out)
+    assert "encoder=pitch" in out and "dc_lambda=0.0" in out and "clip_rms=0.2" in out, out[:1500]
+    assert "the pitch-and-loudness encoder, no weights" in out, out[:2500]
+    assert r["pitch_acc"] >= 40 and r["silence_pitch_acc"] < 10, r
+    out, _ = run("umtn/sample.py", TMP / "recipe_test" / "clarinet" / "0.wav", "--to", "bassoon",
+                 "--checkpoint", ckpt, "--out", TMP / "recipe_to_bassoon.wav")
+    assert "sounds like" in out and "-> bassoon" in out, out[-1500:]
+
+
 def test_umtn_notes_csv_bad_inputs():
     import shutil
     cases = {"columns": "onset_s,midi\n0.0,60\n",

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train import (InstrumentJudge, TimbreClassifier, fail, frame_size, generate, load_checkpoint, melody,
-                   mu_law_decode, pitch_track, read_wav, render, write_wav)  # the sibling train.py
+from train import (InstrumentJudge, TimbreClassifier, fail, frame_size, generate, level, load_checkpoint,
+                   melody, mu_law_decode, pitch_track, read_wav, render, write_wav)  # the sibling train.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
 from common import get_device, seed_everything, synchronize
@@ -153,6 +153,8 @@ def main():
             fail(f"{source} is {e}")
     if args.seconds:
         audio = audio[: int(args.seconds * rate)]
+    if ckpt["config"].get("clip_rms"):  # the level the training clips were brought to (--recipe instruments)
+        audio = level(audio, ckpt["config"]["clip_rms"])
     outputs = {}
     for t in targets:
         if args.out is None:

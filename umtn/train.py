@@ -88,6 +88,39 @@ class Encoder(nn.Module):
         return F.avg_pool1d(self.out(x), self.pool)  # (B, L, T / pool)
 
 
+class PitchEncoder(nn.Module):
+    """The instruments recipe's shared encoder: no weights, it measures what the learned code should
+    hold, the input's pitch and loudness per latent frame (as DDSP conditions its synthesiser, Engel
+    et al. 2020): the pitch as a soft one-hot over MIDI 36-83 (a Gaussian half a semitone wide around
+    the tracked f0, zero where unvoiced), log2(f0 / 220 Hz), voiced or not, and the log RMS. With the
+    pitch given as one of 48 inputs, a decoder plays it by selecting, not by decoding a number; an
+    instrument cannot be told from these channels, so there is nothing for domain confusion to hide."""
+
+    channels = 51
+
+    def __init__(self, pool, rate):
+        super().__init__()
+        self.pool, self.rate = pool, rate
+
+    def forward(self, audio, f0=None):
+        """audio (B, T); f0 (B, T) the tracked f0 at every sample (Hz, 0 unvoiced), found here when
+        not given (training passes it, tracked once per clip) -> (B, 51, T / pool)."""
+        if f0 is None:
+            tracks = [f0_per_sample(x, self.rate) for x in audio.float().cpu().numpy()]
+            f0 = torch.from_numpy(np.stack(tracks)).to(audio.device)
+        B, T = audio.shape
+        L = T // self.pool
+        f = f0[:, self.pool // 2::self.pool][:, :L].float()  # (B, L): at each frame's centre
+        voiced = (f > 0).float()
+        midi = 69 + 12 * torch.log2(f.clamp(min=1) / 440)
+        bins = torch.arange(36, 84, device=audio.device, dtype=torch.float32)[:, None]  # (48, 1)
+        one_hot = torch.exp(-0.5 * ((midi[:, None] - bins) / 0.5) ** 2) * voiced[:, None]  # (B, 48, L)
+        log_f0 = torch.log2(f.clamp(min=1) / 220) * voiced
+        rms = audio[:, :L * self.pool].float().view(B, L, self.pool).pow(2).mean(2).sqrt()
+        loudness = torch.log10(rms + 1e-4) / 2  # -2 (silence) to 0 (full scale)
+        return torch.cat([one_hot, log_f0[:, None], voiced[:, None], loudness[:, None]], 1)
+
+
 class DomainClassifier(nn.Module):
     """Names the domain from the latent: dropout on the latent (the reference's
     --p-dropout-discriminator), three convolutions with ELU, a 1x1 to the domains, logits averaged
@@ -166,17 +199,27 @@ class UMTN(nn.Module):
     (it has its own optimizer and objective)."""
 
     def __init__(self, domains, enc_channels=32, enc_blocks=2, enc_layers=8, latent=16, pool=32,
-                 dec_channels=32, skip_channels=32, dec_blocks=2, dec_layers=6, level_norm=False):
+                 dec_channels=32, skip_channels=32, dec_blocks=2, dec_layers=6, level_norm=False,
+                 encoder="learned", rate=4000):
         super().__init__()
-        self.encoder = Encoder(enc_channels, enc_blocks, enc_layers, latent, pool, level_norm)
+        if encoder == "pitch":  # the instruments recipe: the code is measured, not learned
+            self.encoder, latent = PitchEncoder(pool, rate), PitchEncoder.channels
+        else:
+            self.encoder = Encoder(enc_channels, enc_blocks, enc_layers, latent, pool, level_norm)
+        self.latent = latent
         decoder = lambda: WaveNet(dec_channels, skip_channels, dec_blocks, dec_layers, latent, pool)
         self.decoders = nn.ModuleList(decoder() for _ in domains)  # one per instrument
 
-    def forward(self, audio_in, prev, target, domain):
+    def encode(self, audio, f0=None):
+        """The code the decoders read: (B, T) -> (B, L, T / pool); f0 only for the pitch encoder."""
+        return self.encoder(audio) if f0 is None else self.encoder(audio, f0)
+
+    def forward(self, audio_in, prev, target, domain, f0=None):
         """audio_in (B, T) the (augmented) input, prev (B, T) the classes shifted right, target (B, T)
-        the classes to predict, domain (B,) on the host -> the reconstruction loss (nats per sample),
-        each item through its own domain's decoder, and the latent (B, L, F)."""
-        z = self.encoder(audio_in)
+        the classes to predict, domain (B,) on the host, f0 (B, T) the pitch encoder's tracked f0 ->
+        the reconstruction loss (nats per sample), each item through its own domain's decoder, and the
+        latent (B, L, F)."""
+        z = self.encode(audio_in, f0)
         loss = 0
         for d, decoder in enumerate(self.decoders):
             # the items of domain d, found on the host: nonzero() of a GPU tensor would wait for the GPU
@@ -489,6 +532,11 @@ def folder_audio(data, rate):
     return out, scores
 
 
+def level(clip, rms):
+    """The clip scaled to the given RMS, clipped to [-1, 1]."""
+    return np.clip(clip * rms / max(1e-4, float(np.sqrt(np.mean(clip ** 2)))), -1, 1).astype(np.float32)
+
+
 def load_audio(args, say):
     """The training and held-out clips per domain, {domain: [(T,) float32]}, and their scores: the
     melodies' notes on the built-in data (a list shared by every domain), else each clip's notes from
@@ -515,6 +563,9 @@ def load_audio(args, say):
                 n_test = max(1, round(args.test_frac * len(clips)))
                 test[d], train[d] = [clips[i] for i in order[:n_test]], [clips[i] for i in order[n_test:]]
                 test_scores[d] = [notes[d][i] for i in order[:n_test]]
+    if args.clip_rms:  # every clip at one level: recordings differ by the microphone, not the music
+        train, test = ({d: [level(c, args.clip_rms) for c in clips] for d, clips in part.items()}
+                       for part in (train, test))
     domains = list(train)
     if args.batch_size < len(domains):
         fail(f"--batch-size {args.batch_size} is smaller than the {len(domains)} domains: every batch needs "
@@ -559,10 +610,13 @@ class SegmentPool:
     """All training audio as one tensor on the device; a batch is one random segment of a random
     clip per item, of that item's domain, cut out with one gather (no DataLoader, no copies)."""
 
-    def __init__(self, clips_by_domain, segment, device):
+    def __init__(self, clips_by_domain, segment, device, rate=None):
         domains = list(clips_by_domain)
         clips = [c for d in domains for c in clips_by_domain[d]]
         self.audio = torch.from_numpy(np.concatenate(clips)).to(device)
+        # for the pitch encoder (rate given): every clip's f0, tracked once, beside its samples
+        self.f0 = (torch.from_numpy(np.concatenate([f0_per_sample(c, rate) for c in clips])).to(device)
+                   if rate else None)
         self.clip_len = torch.tensor([len(c) for c in clips])
         self.clip_start = self.clip_len.cumsum(0) - self.clip_len
         counts = [len(clips_by_domain[d]) for d in domains]
@@ -571,26 +625,29 @@ class SegmentPool:
         self.segment, self.offsets = segment, torch.arange(segment + 1, device=device)
 
     def batch(self, domain_of, generator):
-        """domain_of (B,) -> (B, segment + 1) samples; the positions are drawn on the host."""
+        """domain_of (B,) -> (B, segment + 1) samples, and their f0 (B, segment + 1) or None; the
+        positions are drawn on the host."""
         B = len(domain_of)
         u = torch.rand(B, generator=generator)
         clip = self.first_clip[domain_of] + (u * self.n_clips[domain_of]).long()
         u = torch.rand(B, generator=generator)
         start = self.clip_start[clip] + (u * (self.clip_len[clip] - self.segment)).long()
-        return self.audio[start.to(self.audio.device, non_blocking=True)[:, None] + self.offsets]
+        idx = start.to(self.audio.device, non_blocking=True)[:, None] + self.offsets
+        return self.audio[idx], None if self.f0 is None else self.f0[idx]
 
 
-def train_step(ae, dc, opt, opt_dc, scaler, audio_in, prev, target, domain, dc_lambda, amp_dtype):
+def train_step(ae, dc, opt, opt_dc, scaler, audio_in, prev, target, domain, dc_lambda, amp_dtype, f0=None):
     """One step of the alternating training (Mor et al. eq. 1-2): the domain classifier `dc` learns
     to name the domain from the latent, then the autoencoder `ae` (encoder and decoders) learns to
     reconstruct while making the classifier wrong. Either may be wrapped in DDP. audio_in (B, T)
-    the augmented input, prev and target (B, T) classes, domain (B,) on the host. Returns the
+    the augmented input, prev and target (B, T) classes, domain (B,) on the host, f0 (B, T) the pitch
+    encoder's tracked f0 (None for the learned encoder). Returns the
     reconstruction loss (nats per sample) and the classifier's loss, left on the device."""
     model, classifier = getattr(ae, "module", ae), getattr(dc, "module", dc)
     device, d_idx = audio_in.device, domain.to(audio_in.device, non_blocking=True)
     # 1) the domain classifier, on the latent of the encoder as it is
     with torch.no_grad(), autocast(device, amp_dtype):
-        z = model.encoder(audio_in)
+        z = model.encode(audio_in, f0)
     opt_dc.zero_grad(set_to_none=True)
     with autocast(device, amp_dtype):
         dc_loss = F.cross_entropy(dc(z.float()), d_idx)
@@ -598,7 +655,7 @@ def train_step(ae, dc, opt, opt_dc, scaler, audio_in, prev, target, domain, dc_l
     # 2) encoder and decoders: reconstruct, minus lambda times the classifier's loss
     opt.zero_grad(set_to_none=True)
     with autocast(device, amp_dtype):
-        rec, z = ae(audio_in, prev, target, domain)
+        rec, z = ae(audio_in, prev, target, domain, f0)
         confusion = F.cross_entropy(classifier(z.float()), d_idx)
         loss = rec - dc_lambda * confusion
     backward_and_step(loss, opt, model.parameters(), scaler)
@@ -649,8 +706,9 @@ def load_checkpoint(path, device):
 
 def make_batch(data, domain_of, args, g, g_dev):
     """One training batch: a random segment per item of its domain, as the encoder's (augmented)
-    input (B, T), the decoder's teacher-forced input prev (B, T) and its target classes (B, T)."""
-    clean = data.batch(domain_of, g)  # (B, segment + 1)
+    input (B, T), the decoder's teacher-forced input prev (B, T), its target classes (B, T) and, for
+    the pitch encoder, the segment's f0 (B, T) (else None)."""
+    clean, f0 = data.batch(domain_of, g)  # (B, segment + 1) each
     codes = mu_law_encode(clean)
     prev, target = codes[:, :-1], codes[:, 1:]  # predict each sample from the ones before it
     # a noisy past: the decoder cannot just continue the waveform, it must read the latent
@@ -658,7 +716,7 @@ def make_batch(data, domain_of, args, g, g_dev):
         noise = torch.randn(prev.shape, generator=g_dev, device=clean.device)
         prev = mu_law_encode((clean[:, :-1] + args.input_noise * noise).clamp(-1, 1))
     audio_in = augment(clean[:, :-1], g) if args.augment else clean[:, :-1]
-    return audio_in, prev, target
+    return audio_in, prev, target, None if f0 is None else f0[:, :-1]
 
 
 def autoencoder_lr(args, step, progress):
@@ -676,12 +734,12 @@ def fit(ae, dc, opt, opt_dc, scaler, data, args, amp_dtype, say, rank=0, world=1
     domain_of = torch.arange(args.batch_size) % len(data.n_clips)
     log = Log(args, data.segment, world, len(data.n_clips), data.audio.device, say)
     for step in range(1, args.steps + 1):
-        audio_in, prev, target = make_batch(data, domain_of, args, g, g_dev)
+        audio_in, prev, target, f0 = make_batch(data, domain_of, args, g, g_dev)
         progress = max((step - 1) / args.steps, log.elapsed() / args.time_limit if args.time_limit else 0)
         for group in opt.param_groups:
             group["lr"] = autoencoder_lr(args, step, progress)
         rec, confusion = train_step(ae, dc, opt, opt_dc, scaler, audio_in, prev, target, domain_of,
-                                    args.dc_lambda, amp_dtype)
+                                    args.dc_lambda, amp_dtype, f0)
         last = step == args.steps or (args.time_limit and log.elapsed() > args.time_limit)
         log.add(step, rec, confusion, last)
         if last:
@@ -787,6 +845,15 @@ def pitch_track(x, rate, fmin=60.0, fmax=1000.0, harmonics=6):
     lag = np.rint(rate / f0).astype(int).clip(1, size - 2)
     periodic = np.max([r[rows, lag + d] for d in (-1, 0, 1)], 0)
     return np.where((periodic > 0.3) & (fr.std(1) > 1e-3), f0, 0.0)
+
+
+def f0_per_sample(x, rate):
+    """pitch_track's f0 at every sample of x (T,): each sample takes the frame centred nearest to it."""
+    f0 = pitch_track(x, rate)
+    hop = frame_size(rate) // 4
+    # frame k covers samples [k hop, k hop + 4 hop): its centre is (k + 2) hop
+    i = np.rint((np.arange(len(x)) - 2 * hop) / hop).astype(int).clip(0, len(f0) - 1)
+    return f0[i].astype(np.float32)
 
 
 def written_pitch(notes, n, rate, skip=0.02):
@@ -1346,9 +1413,23 @@ def builtin_audio(n_melodies, seconds, rate, seed):
 # ----------------------------------------------------------------------------- main
 
 
+RECIPES = {  # --recipe: the defaults a run starts from
+    "builtin": {},
+    # Recordings of real instruments (the lesson page's recipe section): on their richer timbres the
+    # learned code kept the instrument along with the notes, and the decoders followed the instrument,
+    # so the code is measured instead (PitchEncoder), and every clip brought to one level, so that the
+    # loudness channel means the same on any recording.
+    "instruments": dict(encoder="pitch", dc_lambda=0.0, clip_rms=0.2),
+}
+
+
 def get_args():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="builtin", choices=list(RECIPES),
+                        help="settings to start from: builtin, the paper's model for the built-in "
+                             "instruments; instruments, for recordings of real ones (see RECIPES); a flag "
+                             "given as well still wins (default: %(default)s)")
     parser.add_argument("--data", default="builtin",
                         help="builtin, or a folder with one sub-folder of .wav files per domain (default: "
                              "%(default)s)")
@@ -1368,6 +1449,12 @@ def get_args():
                         help="sample rate of the model; the reference used 16000 (default: %(default)s)")
     parser.add_argument("--segment", type=int, default=1024,
                         help="samples per training segment; reference 12000 (default: %(default)s)")
+    parser.add_argument("--encoder", default="learned", choices=["learned", "pitch"],
+                        help="learned: the paper's encoder; pitch: the input's tracked pitch and loudness as "
+                             "the code, no weights (default: %(default)s)")
+    parser.add_argument("--clip-rms", type=float, default=0,
+                        help="scale every clip to this RMS level, 0 to keep it as recorded "
+                             "(default: %(default)s)")
     parser.add_argument("--enc-channels", type=int, default=32, help="reference 128 (default: %(default)s)")
     parser.add_argument("--enc-blocks", type=int, default=2, help="reference 3 (default: %(default)s)")
     parser.add_argument("--enc-layers", type=int, default=8, help="reference 10 (default: %(default)s)")
@@ -1434,6 +1521,7 @@ def get_args():
                         help="two steps, a short evaluation, a checkpoint: checks that every line runs, in "
                              "seconds")
     parser.error = lambda message: fail(f"{message} (see --help)")  # one line, not argparse's usage block
+    parser.set_defaults(**RECIPES[parser.parse_known_args()[0].recipe])
     args = parser.parse_args()
     if not 0 <= args.anneal < 1:
         fail(f"--anneal {args.anneal} is a fraction of training: from 0 (never) to below 1")
@@ -1469,19 +1557,22 @@ def main():
     model_args = dict(domains=domains, enc_channels=args.enc_channels, enc_blocks=args.enc_blocks,
                       enc_layers=args.enc_layers, latent=args.latent, pool=args.pool,
                       dec_channels=args.dec_channels, skip_channels=args.skip_channels,
-                      dec_blocks=args.dec_blocks, dec_layers=args.dec_layers, level_norm=args.level_norm)
+                      dec_blocks=args.dec_blocks, dec_layers=args.dec_layers, level_norm=args.level_norm,
+                      encoder=args.encoder, rate=args.rate)
     model = UMTN(**model_args).to(device)
-    classifier = DomainClassifier(args.latent, args.dc_channels, len(domains), args.dc_kernel,
+    classifier = DomainClassifier(model.latent, args.dc_channels, len(domains), args.dc_kernel,
                                   args.dc_dropout).to(device)
     # DDP averages gradients across processes inside backward()
     ae, dc = (DDP(model), DDP(classifier)) if distributed else (model, classifier)
     fused = device.type in ("cpu", "cuda")  # one kernel updates every tensor
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=fused)
     opt_dc = torch.optim.Adam(classifier.parameters(), lr=args.lr, fused=fused)
-    data = SegmentPool(train, args.segment - args.segment % args.pool, device)  # whole latent frames
+    data = SegmentPool(train, args.segment - args.segment % args.pool, device,  # whole latent frames
+                       args.rate if args.encoder == "pitch" else None)
     amp_dtype, needs_scaler = precision_for(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see common.choose_precision
     say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({len(domains)} decoders, "
+        + ("the pitch-and-loudness encoder, no weights; " if args.encoder == "pitch" else "") +
         f"receptive field {model.decoders[0].receptive_field()} samples), domain classifier "
         f"{sum(p.numel() for p in classifier.parameters()):,}; on {device}"
         + (f", {world} processes" if world > 1 else "")
