@@ -1492,6 +1492,27 @@ def test_umtn_pitch_encoder_measures_pitch_and_loudness():
     assert silence[:50].abs().max() == 0 and silence[50].max() <= -1.99
 
 
+def test_umtn_transposed_segments_carry_their_f0():
+    # --transpose: a segment played higher or lower sounds at its tracked f0 times the ratio, which
+    # is what the pitch encoder is then given; without it, the segments are cut as they are.
+    import numpy as np
+    import torch
+    um = import_script("umtn/train.py")
+    rate = 4000
+    tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(4 * rate) / rate)).astype(np.float32)
+    pool = um.SegmentPool({"a": [tone, tone], "b": [tone, tone]}, 1024, torch.device("cpu"), rate)
+    g = torch.Generator().manual_seed(0)
+    audio, f0 = pool.batch(torch.arange(8) % 2, g, 6.0)
+    shifts = 12 * np.log2(np.median(f0.numpy(), 1) / 220)
+    assert np.abs(shifts).max() <= 6.01 and np.ptp(shifts) > 3, shifts  # spread over +-6 semitones
+    for x, f in zip(audio.numpy(), f0.numpy()):
+        heard = um.pitch_track(x, rate)
+        assert abs(1200 * np.log2(np.median(heard[heard > 0]) / np.median(f))) < 10
+    audio, f0 = pool.batch(torch.arange(2), g)
+    assert abs(float(f0.median()) - 220) < 1, f0
+    assert any(np.allclose(audio[0].numpy(), tone[i:i + 1025]) for i in range(len(tone) - 1024))
+
+
 def test_umtn_instruments_recipe_follows_the_pitch():
     # --recipe instruments: the decoders read the measured pitch, so after a short run on two
     # instruments a translation keeps most of the written pitch, which a decoder given the code of

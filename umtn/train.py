@@ -624,16 +624,29 @@ class SegmentPool:
         self.n_clips = torch.tensor(counts)
         self.segment, self.offsets = segment, torch.arange(segment + 1, device=device)
 
-    def batch(self, domain_of, generator):
+    def batch(self, domain_of, generator, transpose=0.0):
         """domain_of (B,) -> (B, segment + 1) samples, and their f0 (B, segment + 1) or None; the
-        positions are drawn on the host."""
+        positions are drawn on the host. With transpose, each segment is played a random number of
+        semitones, up to that many, higher or lower: read `ratio` samples per sample (linear
+        interpolation), its f0 times the ratio."""
         B = len(domain_of)
         u = torch.rand(B, generator=generator)
         clip = self.first_clip[domain_of] + (u * self.n_clips[domain_of]).long()
+        if not transpose:
+            u = torch.rand(B, generator=generator)
+            start = self.clip_start[clip] + (u * (self.clip_len[clip] - self.segment)).long()
+            idx = start.to(self.audio.device, non_blocking=True)[:, None] + self.offsets
+            return self.audio[idx], None if self.f0 is None else self.f0[idx]
+        shift = (2 * torch.rand(B, generator=generator) - 1) * transpose  # (B,) semitones
+        ratio = torch.minimum(2 ** (shift / 12), (self.clip_len[clip] - 2) / self.segment)  # fits the clip
         u = torch.rand(B, generator=generator)
-        start = self.clip_start[clip] + (u * (self.clip_len[clip] - self.segment)).long()
-        idx = start.to(self.audio.device, non_blocking=True)[:, None] + self.offsets
-        return self.audio[idx], None if self.f0 is None else self.f0[idx]
+        start = self.clip_start[clip] + (u * (self.clip_len[clip] - 1 - self.segment * ratio)).long()
+        ratio = ratio.to(self.audio.device, non_blocking=True)[:, None]
+        pos = self.offsets * ratio  # (B, segment + 1), from the segment's start: exact in float32
+        i0 = start.to(self.audio.device, non_blocking=True)[:, None] + pos.long()
+        frac = pos - pos.floor()
+        audio = self.audio[i0] * (1 - frac) + self.audio[i0 + 1] * frac
+        return audio, None if self.f0 is None else self.f0[i0 + (frac > 0.5).long()] * ratio
 
 
 def train_step(ae, dc, opt, opt_dc, scaler, audio_in, prev, target, domain, dc_lambda, amp_dtype, f0=None):
@@ -708,7 +721,7 @@ def make_batch(data, domain_of, args, g, g_dev):
     """One training batch: a random segment per item of its domain, as the encoder's (augmented)
     input (B, T), the decoder's teacher-forced input prev (B, T), its target classes (B, T) and, for
     the pitch encoder, the segment's f0 (B, T) (else None)."""
-    clean, f0 = data.batch(domain_of, g)  # (B, segment + 1) each
+    clean, f0 = data.batch(domain_of, g, args.transpose)  # (B, segment + 1) each
     codes = mu_law_encode(clean)
     prev, target = codes[:, :-1], codes[:, 1:]  # predict each sample from the ones before it
     # a noisy past: the decoder cannot just continue the waveform, it must read the latent
@@ -1454,6 +1467,10 @@ def get_args():
                              "the code, no weights (default: %(default)s)")
     parser.add_argument("--clip-rms", type=float, default=0,
                         help="scale every clip to this RMS level, 0 to keep it as recorded "
+                             "(default: %(default)s)")
+    parser.add_argument("--transpose", type=float, default=0,
+                        help="pitch encoder: each training segment played up to this many semitones higher "
+                             "or lower, so that every decoder learns notes outside its instrument's lines "
                              "(default: %(default)s)")
     parser.add_argument("--enc-channels", type=int, default=32, help="reference 128 (default: %(default)s)")
     parser.add_argument("--enc-blocks", type=int, default=2, help="reference 3 (default: %(default)s)")
