@@ -93,8 +93,9 @@ class PitchEncoder(nn.Module):
     hold, the input's pitch and loudness per latent frame (as DDSP conditions its synthesiser, Engel
     et al. 2020): the pitch as a soft one-hot over MIDI 36-83 (a Gaussian half a semitone wide around
     the tracked f0, zero where unvoiced), log2(f0 / 220 Hz), voiced or not, and the log RMS. With the
-    pitch given as one of 48 inputs, a decoder plays it by selecting, not by decoding a number; an
-    instrument cannot be told from these channels, so there is nothing for domain confusion to hide."""
+    pitch given as one of 48 inputs, a decoder plays it by selecting, not by decoding a number. No
+    weights, so domain confusion has nothing to train: the domain classifier's loss only shows how
+    much of the instrument the pitch and the loudness give away."""
 
     channels = 51
 
@@ -638,9 +639,10 @@ class SegmentPool:
             idx = start.to(self.audio.device, non_blocking=True)[:, None] + self.offsets
             return self.audio[idx], None if self.f0 is None else self.f0[idx]
         shift = (2 * torch.rand(B, generator=generator) - 1) * transpose  # (B,) semitones
-        ratio = torch.minimum(2 ** (shift / 12), (self.clip_len[clip] - 2) / self.segment)  # fits the clip
+        ratio = torch.minimum(2 ** (shift / 12), (self.clip_len[clip] - 3) / self.segment)  # fits the clip
         u = torch.rand(B, generator=generator)
-        start = self.clip_start[clip] + (u * (self.clip_len[clip] - 1 - self.segment * ratio)).long()
+        # the last position read, start + segment * ratio + 1, stays inside the clip
+        start = self.clip_start[clip] + (u * (self.clip_len[clip] - 2 - self.segment * ratio)).long()
         ratio = ratio.to(self.audio.device, non_blocking=True)[:, None]
         pos = self.offsets * ratio  # (B, segment + 1), from the segment's start: exact in float32
         i0 = start.to(self.audio.device, non_blocking=True)[:, None] + pos.long()
@@ -1257,6 +1259,7 @@ def print_report(rows, who, domains, say):
         say(f"  {label:<30}" + "".join(f"{fmt(bootstrap(rows[kind][key], melody), pct):>25}"
                                        for key, _, pct in cols))
     say("  translation by ordered pair (the topline of its target in brackets):")
+    width = max(18, 2 * max(len(d) for d in domains) + 4)  # the columns line up for any names
     for s, source in enumerate(domains):
         for t, target in enumerate(domains):
             if s == t:
@@ -1264,7 +1267,7 @@ def print_report(rows, who, domains, say):
             pick = [k for k, (a, b, _) in enumerate(who["translation"]) if (a, b) == (s, t)]
             top = [k for k, (_, b, _) in enumerate(who["topline"]) if b == t]
             mean = lambda kind, key, ks: np.mean([rows[kind][key][k] for k in ks])
-            say(f"    {source + ' -> ' + target:<18} pitch {100 * mean('translation', 'pitch', pick):5.1f}% "
+            say(f"    {source + ' -> ' + target:<{width}} pitch {100 * mean('translation', 'pitch', pick):5.1f}% "
                 f"({100 * mean('topline', 'pitch', top):5.1f}%)  hears target "
                 f"{100 * mean('translation', 'target', pick):5.1f}% "
                 f"({100 * mean('topline', 'target', top):5.1f}%)  log-mel "
