@@ -825,8 +825,12 @@ def pitch_track(x, rate, fmin=60.0, fmax=1000.0, harmonics=6):
     nfft = 4 * size  # zero-padded: bins of rate / (4 size) Hz
     mag = np.abs(np.fft.rfft(fr, nfft, axis=1))  # (frames, bins)
     top = mag.max(1, keepdims=True) + 1e-12
-    # compressed, and widened by two bins each way so that a partial between grid points still counts
-    spread = maximum_filter1d(np.sqrt(mag / top), 5, axis=1)
+    # Less the noise floor (the median bin): near the top of the band a high note has fewer harmonics
+    # below rate / 2 than its lower octave, whose extra ones would sum the noise between the partials
+    # and win. Then compressed, and widened by two bins each way so that a partial between grid
+    # points still counts.
+    floor = np.median(mag, 1, keepdims=True)
+    spread = maximum_filter1d(np.sqrt(np.maximum(mag - floor, 0) / top), 5, axis=1)
     grid = fmin * 2 ** (np.arange(int(120 * math.log2(fmax / fmin)) + 1) / 120)
     score = np.zeros((len(fr), len(grid)))
     for h in range(1, harmonics + 1):
@@ -1267,7 +1271,8 @@ def print_report(rows, who, domains, say):
             pick = [k for k, (a, b, _) in enumerate(who["translation"]) if (a, b) == (s, t)]
             top = [k for k, (_, b, _) in enumerate(who["topline"]) if b == t]
             mean = lambda kind, key, ks: np.mean([rows[kind][key][k] for k in ks])
-            say(f"    {source + ' -> ' + target:<{width}} pitch {100 * mean('translation', 'pitch', pick):5.1f}% "
+            say(f"    {source + ' -> ' + target:<{width}} pitch "
+                f"{100 * mean('translation', 'pitch', pick):5.1f}% "
                 f"({100 * mean('topline', 'pitch', top):5.1f}%)  hears target "
                 f"{100 * mean('translation', 'target', pick):5.1f}% "
                 f"({100 * mean('topline', 'target', top):5.1f}%)  log-mel "
