@@ -825,19 +825,19 @@ def pitch_track(x, rate, fmin=60.0, fmax=1000.0, harmonics=6):
     nfft = 4 * size  # zero-padded: bins of rate / (4 size) Hz
     mag = np.abs(np.fft.rfft(fr, nfft, axis=1))  # (frames, bins)
     top = mag.max(1, keepdims=True) + 1e-12
-    # Less the noise floor (the median bin): near the top of the band a high note has fewer harmonics
-    # below rate / 2 than its lower octave, whose extra ones would sum the noise between the partials
-    # and win. Then compressed, and widened by two bins each way so that a partial between grid
-    # points still counts.
-    floor = np.median(mag, 1, keepdims=True)
-    spread = maximum_filter1d(np.sqrt(np.maximum(mag - floor, 0) / top), 5, axis=1)
+    # compressed, and widened by two bins each way so that a partial between grid points still counts
+    spread = maximum_filter1d(np.sqrt(mag / top), 5, axis=1)
     grid = fmin * 2 ** (np.arange(int(120 * math.log2(fmax / fmin)) + 1) / 120)
-    score = np.zeros((len(fr), len(grid)))
+    score, fits = np.zeros((len(fr), len(grid))), np.zeros(len(grid))
     for h in range(1, harmonics + 1):
         inside = h * grid < rate / 2 - 2 * rate / nfft  # a harmonic above the band counts for nothing
         bins = np.rint(h * grid * nfft / rate).astype(int).clip(0, nfft // 2)
         score += 0.84 ** (h - 1) * inside * spread[:, bins]  # (frames, candidates)
-    best = grid[score.argmax(1)]
+        fits += 0.84 ** (h - 1) * inside  # (candidates,) the weight of the harmonics inside the band
+    # Near the top of the band a high note has fewer harmonics below rate / 2 than its lower octave,
+    # whose extra ones sum the noise between the partials; divided by the root of the weight of the
+    # harmonics that fit, the sum favours the lower octave less.
+    best = grid[(score / np.sqrt(fits)).argmax(1)]
     rows, offsets = np.arange(len(fr)), np.arange(-32, 33)
     logmag = np.log(mag + 1e-12)
     total, weight = np.zeros(len(fr)), np.zeros(len(fr))
