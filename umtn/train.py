@@ -828,16 +828,12 @@ def pitch_track(x, rate, fmin=60.0, fmax=1000.0, harmonics=6):
     # compressed, and widened by two bins each way so that a partial between grid points still counts
     spread = maximum_filter1d(np.sqrt(mag / top), 5, axis=1)
     grid = fmin * 2 ** (np.arange(int(120 * math.log2(fmax / fmin)) + 1) / 120)
-    score, fits = np.zeros((len(fr), len(grid))), np.zeros(len(grid))
+    score = np.zeros((len(fr), len(grid)))
     for h in range(1, harmonics + 1):
         inside = h * grid < rate / 2 - 2 * rate / nfft  # a harmonic above the band counts for nothing
         bins = np.rint(h * grid * nfft / rate).astype(int).clip(0, nfft // 2)
         score += 0.84 ** (h - 1) * inside * spread[:, bins]  # (frames, candidates)
-        fits += 0.84 ** (h - 1) * inside  # (candidates,) the weight of the harmonics inside the band
-    # Near the top of the band a high note has fewer harmonics below rate / 2 than its lower octave,
-    # whose extra ones sum the noise between the partials; divided by the root of the weight of the
-    # harmonics that fit, the sum favours the lower octave less.
-    best = grid[(score / np.sqrt(fits)).argmax(1)]
+    best = grid[score.argmax(1)]
     rows, offsets = np.arange(len(fr)), np.arange(-32, 33)
     logmag = np.log(mag + 1e-12)
     total, weight = np.zeros(len(fr)), np.zeros(len(fr))
@@ -1271,8 +1267,7 @@ def print_report(rows, who, domains, say):
             pick = [k for k, (a, b, _) in enumerate(who["translation"]) if (a, b) == (s, t)]
             top = [k for k, (_, b, _) in enumerate(who["topline"]) if b == t]
             mean = lambda kind, key, ks: np.mean([rows[kind][key][k] for k in ks])
-            say(f"    {source + ' -> ' + target:<{width}} pitch "
-                f"{100 * mean('translation', 'pitch', pick):5.1f}% "
+            say(f"    {source + ' -> ' + target:<{width}} pitch {100 * mean('translation', 'pitch', pick):5.1f}% "
                 f"({100 * mean('topline', 'pitch', top):5.1f}%)  hears target "
                 f"{100 * mean('translation', 'target', pick):5.1f}% "
                 f"({100 * mean('topline', 'target', top):5.1f}%)  log-mel "
