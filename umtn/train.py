@@ -1267,7 +1267,8 @@ def print_report(rows, who, domains, say):
             pick = [k for k, (a, b, _) in enumerate(who["translation"]) if (a, b) == (s, t)]
             top = [k for k, (_, b, _) in enumerate(who["topline"]) if b == t]
             mean = lambda kind, key, ks: np.mean([rows[kind][key][k] for k in ks])
-            say(f"    {source + ' -> ' + target:<{width}} pitch {100 * mean('translation', 'pitch', pick):5.1f}% "
+            say(f"    {source + ' -> ' + target:<{width}} pitch "
+                f"{100 * mean('translation', 'pitch', pick):5.1f}% "
                 f"({100 * mean('topline', 'pitch', top):5.1f}%)  hears target "
                 f"{100 * mean('translation', 'target', pick):5.1f}% "
                 f"({100 * mean('topline', 'target', top):5.1f}%)  log-mel "
