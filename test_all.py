@@ -1373,7 +1373,10 @@ def test_umtn_bad_inputs():
         ("umtn/sample.py", good, "--checkpoint", TMP / "none.pt", r"run python umtn/train.py first"),
         ("umtn/sample.py", good, "--checkpoint", tonenet_ckpt, r"not a umtn checkpoint"),
         ("umtn/train.py", "--data", TMP / "no_such_folder", r"is not a folder"),
-        ("umtn/train.py", "--anneal", 1, r"--anneal 1.0 is a fraction of training"))
+        ("umtn/train.py", "--anneal", 1, r"--anneal 1.0 is a fraction of training"),
+        ("umtn/train.py", "--recipe", "violin", r"invalid choice: 'violin'"),
+        ("umtn/train.py", "--recipe", "instruments", "--clip-rms", -1, r"--clip-rms is a level"),
+        ("umtn/train.py", "--transpose", 13, r"--transpose a number of semitones from 0 to 12"))
     assert good.read_bytes() == before
     one = TMP / "one_domain"
     (one / "violin").mkdir(parents=True, exist_ok=True)

@@ -1546,6 +1546,9 @@ def get_args():
     args = parser.parse_args()
     if not 0 <= args.anneal < 1:
         fail(f"--anneal {args.anneal} is a fraction of training: from 0 (never) to below 1")
+    if args.clip_rms < 0 or not 0 <= args.transpose <= 12:
+        fail("--clip-rms is a level (0 to keep each clip's own) and --transpose a number of semitones "
+             "from 0 to 12")
     if args.dry_run:  # pytorch/examples' --dry-run: the whole script once, on the least data
         args.steps, args.melodies, args.eval_melodies, args.eval_seconds, args.log_every = 2, 6, 2, 0.25, 1
 
