@@ -53,15 +53,16 @@ def show(audio, outputs, domains, rate, timbre, seconds):
     line, midi_in = notes_over_time(audio, rate, seconds)
     print(f"notes over the first {min(seconds, len(audio) / rate):.1f} s (one per 1/8 s; '.' is silence or "
           "noise):")
-    print(f"  {'input':<12}{line}")
+    width = max(12, 4 + max(len(d) for d in domains))  # the note columns line up for any names
+    print(f"  {'input':<{width}}{line}")
     for t, y in outputs.items():
         line, midi = notes_over_time(y, rate, seconds)
         n = min(len(midi), len(midi_in))
         voiced = midi_in[:n] > 0
         same = (midi[:n] == midi_in[:n]) & voiced
         heard = f", sounds like {timbre(y, midi_in)}" if timbre else ""
-        print(f"  {'-> ' + domains[t]:<12}{line}")
-        print(f"  {'':<12}(plays the input's note in {100 * same.sum() / max(1, voiced.sum()):.0f}% of its "
+        print(f"  {'-> ' + domains[t]:<{width}}{line}")
+        print(f"  {'':<{width}}(plays the input's note in {100 * same.sum() / max(1, voiced.sum()):.0f}% of its "
               f"voiced frames{heard})")
 
 
