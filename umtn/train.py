@@ -1473,9 +1473,9 @@ def get_args():
                         help="scale every clip to this RMS level, 0 to keep it as recorded "
                              "(default: %(default)s)")
     parser.add_argument("--transpose", type=float, default=0,
-                        help="pitch encoder: each training segment played up to this many semitones higher "
-                             "or lower, so that every decoder learns notes outside its instrument's lines "
-                             "(default: %(default)s)")
+                        help="each training segment played up to this many semitones higher or lower "
+                             "(resampled; the pitch encoder's f0 moves with it), so that every decoder "
+                             "learns notes outside its instrument's lines (default: %(default)s)")
     parser.add_argument("--enc-channels", type=int, default=32, help="reference 128 (default: %(default)s)")
     parser.add_argument("--enc-blocks", type=int, default=2, help="reference 3 (default: %(default)s)")
     parser.add_argument("--enc-layers", type=int, default=8, help="reference 10 (default: %(default)s)")
