@@ -62,8 +62,8 @@ def show(audio, outputs, domains, rate, timbre, seconds):
         same = (midi[:n] == midi_in[:n]) & voiced
         heard = f", sounds like {timbre(y, midi_in)}" if timbre else ""
         print(f"  {'-> ' + domains[t]:<{width}}{line}")
-        print(f"  {'':<{width}}(plays the input's note in {100 * same.sum() / max(1, voiced.sum()):.0f}% of its "
-              f"voiced frames{heard})")
+        kept = 100 * same.sum() / max(1, voiced.sum())
+        print(f"  {'':<{width}}(plays the input's note in {kept:.0f}% of its voiced frames{heard})")
 
 
 def translate(model, audio, targets, rate, chunk_seconds, overlap_seconds, temperature, method, device, seed):
