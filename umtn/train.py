@@ -811,12 +811,15 @@ def frame_size(rate):
     return 2 ** round(math.log2(0.064 * rate))  # about 64 ms: four periods of the lowest note (C2)
 
 
-def pitch_track(x, rate, fmin=60.0, fmax=1000.0, harmonics=6):
+def pitch_track(x, rate, fmin=60.0, fmax=1400.0, harmonics=6):
     """Frame-wise f0 (Hz) by subharmonic summation (Hermes 1988); 0 where unvoiced or quiet. Frames
     of about 64 ms, every 16 ms. Every candidate on a 10-cent grid sums the (compressed) spectrum at
     its first six harmonics, the h-th weighted 0.84^(h-1): the true f0 meets every partial with the
     largest weights, its lower octave meets the same partials only as its even harmonics, so an
     odd-harmonic spectrum (a clarinet's), which an autocorrelation reads an octave low, reads right.
+    The spectrum's noise floor (three times its median bin) is taken away first: a high note has few
+    partials inside the band, and noise summed at its lower octave's odd harmonics would outweigh
+    them.
     The winner is refined at its harmonics' peaks (a parabola through the log spectrum at each, their
     f0s averaged by amplitude). A frame is voiced where the normalised autocorrelation at that period
     reaches 0.3."""
@@ -825,8 +828,9 @@ def pitch_track(x, rate, fmin=60.0, fmax=1000.0, harmonics=6):
     nfft = 4 * size  # zero-padded: bins of rate / (4 size) Hz
     mag = np.abs(np.fft.rfft(fr, nfft, axis=1))  # (frames, bins)
     top = mag.max(1, keepdims=True) + 1e-12
+    clean = np.maximum(mag - 3 * np.median(mag, 1, keepdims=True), 0)
     # compressed, and widened by two bins each way so that a partial between grid points still counts
-    spread = maximum_filter1d(np.sqrt(mag / top), 5, axis=1)
+    spread = maximum_filter1d(np.sqrt(clean / top), 5, axis=1)
     grid = fmin * 2 ** (np.arange(int(120 * math.log2(fmax / fmin)) + 1) / 120)
     score = np.zeros((len(fr), len(grid)))
     for h in range(1, harmonics + 1):
@@ -839,7 +843,8 @@ def pitch_track(x, rate, fmin=60.0, fmax=1000.0, harmonics=6):
     total, weight = np.zeros(len(fr)), np.zeros(len(fr))
     for h in range(1, harmonics + 1):  # the strongest bin within a quarter tone of each harmonic
         centre = np.rint(h * best * nfft / rate).astype(int)
-        half = np.maximum(2, np.rint(centre * (2 ** (1 / 24) - 1)))
+        # (at least 3 bins: the widened spectrum lets the winner lie 2 bins off its partial)
+        half = np.maximum(3, np.rint(centre * (2 ** (1 / 24) - 1)))
         idx = (centre[:, None] + offsets).clip(1, nfft // 2 - 1)  # (frames, 65)
         near = np.where(np.abs(offsets) <= half[:, None], mag[rows[:, None], idx], -1)
         peak = idx[rows, near.argmax(1)]
