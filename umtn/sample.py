@@ -80,10 +80,11 @@ def translate(model, audio, targets, rate, chunk_seconds, overlap_seconds, tempe
         z = model.encoder(x[None])[0]  # (L, padded / pool): encoded once, for the whole input
         # chunk k covers [k * chunk - overlap, (k + 1) * chunk); before the start, the latent of silence
         silence = model.encoder(torch.zeros(1, overlap + pool, device=device))[0][:, :overlap // pool]
-        z_pad = torch.cat([silence, z], 1)
+        # for the pitch encoder, each target reads the input's loudness moved onto its own: (K, L, F')
+        z_pad = torch.stack([torch.cat([silence, model.match_loudness(z[None], t)[0]], 1) for t in targets])
     f_chunk, f_over = chunk // pool, overlap // pool
-    zc = torch.stack([z_pad[:, k * f_chunk:(k + 1) * f_chunk + f_over] for k in range(n_chunks)])  # (N, L, F)
-    zz = zc[None].expand(len(targets), -1, -1, -1).contiguous()  # (K, N, L, F)
+    chunks = [z_pad[:, :, k * f_chunk:(k + 1) * f_chunk + f_over] for k in range(n_chunks)]
+    zz = torch.stack(chunks, 1)  # (K, N, L, F)
     n = chunk + overlap
     codes = generate([model.decoders[t] for t in targets], zz, n, temperature, seed, method)  # (K, N, n)
     pieces = mu_law_decode(codes).cpu().numpy()

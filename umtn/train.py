@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.io import wavfile
 from scipy.ndimage import maximum_filter1d
-from scipy.signal import lfilter, resample_poly
+from scipy.signal import lfilter, resample, resample_poly
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # find common.py
@@ -91,13 +91,13 @@ class Encoder(nn.Module):
 class PitchEncoder(nn.Module):
     """The instruments recipe's shared encoder: no weights, it measures what the learned code should
     hold, the input's pitch and loudness per latent frame (as DDSP conditions its synthesiser, Engel
-    et al. 2020): the pitch as a soft one-hot over MIDI 36-83 (a Gaussian half a semitone wide around
-    the tracked f0, zero where unvoiced), log2(f0 / 220 Hz), voiced or not, and the log RMS. With the
-    pitch given as one of 48 inputs, a decoder plays it by selecting, not by decoding a number. No
-    weights, so domain confusion has nothing to train: the domain classifier's loss only shows how
-    much of the instrument the pitch and the loudness give away."""
+    et al. 2020): the pitch as a soft one-hot over MIDI 36-95, C2-B6 (a Gaussian half a semitone wide
+    around the tracked f0, zero where unvoiced), log2(f0 / 220 Hz), voiced or not, and the log RMS.
+    With the pitch given as one of 60 inputs, a decoder plays it by selecting, not by decoding a
+    number. No weights, so domain confusion has nothing to train: the domain classifier's loss only
+    shows how much of the instrument the pitch and the loudness give away."""
 
-    channels = 51
+    channels = 63  # 60 notes, log f0, voiced, loudness
 
     def __init__(self, pool, rate):
         super().__init__()
@@ -105,7 +105,7 @@ class PitchEncoder(nn.Module):
 
     def forward(self, audio, f0=None):
         """audio (B, T); f0 (B, T) the tracked f0 at every sample (Hz, 0 unvoiced), found here when
-        not given (training passes it, tracked once per clip) -> (B, 51, T / pool)."""
+        not given (training passes it, tracked once per clip) -> (B, 63, T / pool)."""
         if f0 is None:
             tracks = [f0_per_sample(x, self.rate) for x in audio.float().cpu().numpy()]
             f0 = torch.from_numpy(np.stack(tracks)).to(audio.device)
@@ -114,12 +114,19 @@ class PitchEncoder(nn.Module):
         f = f0[:, self.pool // 2::self.pool][:, :L].float()  # (B, L): at each frame's centre
         voiced = (f > 0).float()
         midi = 69 + 12 * torch.log2(f.clamp(min=1) / 440)
-        bins = torch.arange(36, 84, device=audio.device, dtype=torch.float32)[:, None]  # (48, 1)
-        one_hot = torch.exp(-0.5 * ((midi[:, None] - bins) / 0.5) ** 2) * voiced[:, None]  # (B, 48, L)
+        bins = torch.arange(36, 96, device=audio.device, dtype=torch.float32)[:, None]  # (60, 1)
+        one_hot = torch.exp(-0.5 * ((midi[:, None] - bins) / 0.5) ** 2) * voiced[:, None]  # (B, 60, L)
         log_f0 = torch.log2(f.clamp(min=1) / 220) * voiced
-        rms = audio[:, :L * self.pool].float().view(B, L, self.pool).pow(2).mean(2).sqrt()
-        loudness = torch.log10(rms + 1e-4) / 2  # -2 (silence) to 0 (full scale)
-        return torch.cat([one_hot, log_f0[:, None], voiced[:, None], loudness[:, None]], 1)
+        return torch.cat([one_hot, log_f0[:, None], voiced[:, None], self.loudness(audio)[:, None]], 1)
+
+    def loudness(self, audio):
+        """(B, T) -> (B, T / pool): the log RMS of every latent frame, -2 (silence) to 0 (full scale)."""
+        B, L = len(audio), audio.shape[1] // self.pool
+        rms = audio[:, :L * self.pool].float().reshape(B, L, self.pool).pow(2).mean(2).sqrt()
+        return torch.log10(rms + 1e-4) / 2
+
+
+LEVELS = tuple(k / 20 for k in range(21))  # the quantiles that describe a loudness distribution
 
 
 class DomainClassifier(nn.Module):
@@ -205,6 +212,9 @@ class UMTN(nn.Module):
         super().__init__()
         if encoder == "pitch":  # the instruments recipe: the code is measured, not learned
             self.encoder, latent = PitchEncoder(pool, rate), PitchEncoder.channels
+            # each decoder's training loudness, at the quantiles LEVELS: translation moves an input's
+            # loudness onto its target's (match_loudness)
+            self.register_buffer("loudness", torch.zeros(len(domains), len(LEVELS)))
         else:
             self.encoder = Encoder(enc_channels, enc_blocks, enc_layers, latent, pool, level_norm)
         self.latent = latent
@@ -214,6 +224,26 @@ class UMTN(nn.Module):
     def encode(self, audio, f0=None):
         """The code the decoders read: (B, T) -> (B, L, T / pool); f0 only for the pitch encoder."""
         return self.encoder(audio) if f0 is None else self.encoder(audio, f0)
+
+    def match_loudness(self, z, target):
+        """The code a target's decoder translates from, z (B, L, F) -> (B, L, F). For the pitch encoder,
+        each item's loudness over its voiced frames is moved and scaled so that its 10th and 90th
+        percentiles land on those the target's decoder trained on: a recording with a wider range of
+        levels than the training clips (a real violin's bow changes, a room's reverberation) would
+        otherwise ask the decoder for levels it never heard (DDSP's timbre transfer adjusts the
+        loudness the same way, Engel et al. 2020). A straight line, not a quantile map: a two-second
+        clip has too few frames to reshape the whole distribution. The learned code is left as it is."""
+        if not isinstance(self.encoder, PitchEncoder):
+            return z
+        z, ref = z.clone(), self.loudness[target, [2, 18]]  # LEVELS 0.1 and 0.9
+        for item in z:  # a handful of items: each with its own voiced frames
+            voiced = item[-2] > 0
+            if voiced.sum() > 1:
+                levels = item[-1, voiced]
+                # the percentiles on the host: not every device has torch.quantile
+                low, high = torch.quantile(levels.float().cpu(), torch.tensor([0.1, 0.9])).tolist()
+                item[-1, voiced] = ref[0] + (levels - low) * (ref[1] - ref[0]) / max(high - low, 1e-3)
+        return z
 
     def forward(self, audio_in, prev, target, domain, f0=None):
         """audio_in (B, T) the (augmented) input, prev (B, T) the classes shifted right, target (B, T)
@@ -607,48 +637,70 @@ def augment(audio, generator):
     return torch.where((j >= 0) & (j < n), shifted, audio)
 
 
+def played_higher(clip, semitones, f0=None):
+    """A clip played `semitones` higher: resampled by the ratio (band-limited, by the FFT: nothing
+    folds back below the Nyquist frequency), so it is shorter by that ratio too; with its per-sample
+    f0, also that f0 moved with it."""
+    ratio = 2 ** (semitones / 12)
+    n = int(len(clip) / ratio)
+    higher = resample(clip, n).astype(np.float32)
+    if f0 is None:
+        return higher
+    i = np.minimum(np.rint(np.arange(n) * ratio).astype(int), len(clip) - 1)
+    return higher, (f0[i] * ratio).astype(np.float32)
+
+
 class SegmentPool:
     """All training audio as one tensor on the device; a batch is one random segment of a random
-    clip per item, of that item's domain, cut out with one gather (no DataLoader, no copies)."""
+    clip per item, of that item's domain, cut out with one gather (no DataLoader, no copies).
 
-    def __init__(self, clips_by_domain, segment, device, rate=None):
-        domains = list(clips_by_domain)
-        clips = [c for d in domains for c in clips_by_domain[d]]
+    For the pitch encoder (rate given) every clip's f0 is tracked once and kept beside its samples,
+    and `loudness` holds each domain's loudness quantiles (LEVELS) over its voiced latent frames of
+    `pool` samples. With `register`, every clip is also played 4, 8, ... up to that many semitones
+    higher (played_higher), so that each decoder learns the notes above its instrument's lines; the
+    clips as recorded are drawn as often as all their copies together."""
+
+    def __init__(self, clips_by_domain, segment, device, rate=None, pool=32, register=0):
+        shifts = range(4, int(register) + 1, 4)
+        clips, f0s, picks, self.loudness = [], [], [], []
+        for d, own in clips_by_domain.items():
+            first = len(clips)
+            own_f0 = [f0_per_sample(c, rate) if rate else np.zeros(0, np.float32) for c in own]
+            clips += own
+            f0s += own_f0
+            picks.append(list(range(first, len(clips))) * max(1, len(shifts)))
+            for c, f in zip(own, own_f0):
+                for s in shifts:
+                    higher, f_higher = played_higher(c, s, f)
+                    if len(higher) > segment:  # a copy is shorter than its clip
+                        picks[-1].append(len(clips))
+                        clips.append(higher)
+                        f0s.append(f_higher)
+            if rate:  # as PitchEncoder measures them: voiced where the frame's centre has an f0
+                frames = [PitchEncoder(pool, rate).loudness(torch.from_numpy(c[None]))[0] for c in own]
+                voiced = [torch.from_numpy(f[pool // 2::pool][:len(x)] > 0) for f, x in zip(own_f0, frames)]
+                levels = torch.cat([x[v] for x, v in zip(frames, voiced)])
+                self.loudness.append(torch.quantile(levels, torch.tensor(LEVELS)))
         self.audio = torch.from_numpy(np.concatenate(clips)).to(device)
-        # for the pitch encoder (rate given): every clip's f0, tracked once, beside its samples
-        self.f0 = (torch.from_numpy(np.concatenate([f0_per_sample(c, rate) for c in clips])).to(device)
-                   if rate else None)
+        self.f0 = torch.from_numpy(np.concatenate(f0s)).to(device) if rate else None
         self.clip_len = torch.tensor([len(c) for c in clips])
         self.clip_start = self.clip_len.cumsum(0) - self.clip_len
-        counts = [len(clips_by_domain[d]) for d in domains]
-        self.first_clip = torch.tensor(np.cumsum([0] + counts)[:-1])  # (D,) index of each domain's first clip
-        self.n_clips = torch.tensor(counts)
+        # each domain's clips to draw from, the clips as recorded repeated: (picks,), (D,), (D,)
+        self.picks = torch.tensor([i for p in picks for i in p])
+        self.n_clips = torch.tensor([len(p) for p in picks])
+        self.first_clip = self.n_clips.cumsum(0) - self.n_clips
         self.segment, self.offsets = segment, torch.arange(segment + 1, device=device)
 
-    def batch(self, domain_of, generator, transpose=0.0):
+    def batch(self, domain_of, generator):
         """domain_of (B,) -> (B, segment + 1) samples, and their f0 (B, segment + 1) or None; the
-        positions are drawn on the host. With transpose, each segment is played a random number of
-        semitones, up to that many, higher or lower: read `ratio` samples per sample (linear
-        interpolation), its f0 times the ratio."""
+        positions are drawn on the host."""
         B = len(domain_of)
         u = torch.rand(B, generator=generator)
-        clip = self.first_clip[domain_of] + (u * self.n_clips[domain_of]).long()
-        if not transpose:
-            u = torch.rand(B, generator=generator)
-            start = self.clip_start[clip] + (u * (self.clip_len[clip] - self.segment)).long()
-            idx = start.to(self.audio.device, non_blocking=True)[:, None] + self.offsets
-            return self.audio[idx], None if self.f0 is None else self.f0[idx]
-        shift = (2 * torch.rand(B, generator=generator) - 1) * transpose  # (B,) semitones
-        ratio = torch.minimum(2 ** (shift / 12), (self.clip_len[clip] - 3) / self.segment)  # fits the clip
+        clip = self.picks[self.first_clip[domain_of] + (u * self.n_clips[domain_of]).long()]
         u = torch.rand(B, generator=generator)
-        # the last position read, start + segment * ratio + 1, stays inside the clip
-        start = self.clip_start[clip] + (u * (self.clip_len[clip] - 2 - self.segment * ratio)).long()
-        ratio = ratio.to(self.audio.device, non_blocking=True)[:, None]
-        pos = self.offsets * ratio  # (B, segment + 1), from the segment's start: exact in float32
-        i0 = start.to(self.audio.device, non_blocking=True)[:, None] + pos.long()
-        frac = pos - pos.floor()
-        audio = self.audio[i0] * (1 - frac) + self.audio[i0 + 1] * frac
-        return audio, None if self.f0 is None else self.f0[i0 + (frac > 0.5).long()] * ratio
+        start = self.clip_start[clip] + (u * (self.clip_len[clip] - self.segment)).long()
+        idx = start.to(self.audio.device, non_blocking=True)[:, None] + self.offsets
+        return self.audio[idx], None if self.f0 is None else self.f0[idx]
 
 
 def train_step(ae, dc, opt, opt_dc, scaler, audio_in, prev, target, domain, dc_lambda, amp_dtype, f0=None):
@@ -723,7 +775,7 @@ def make_batch(data, domain_of, args, g, g_dev):
     """One training batch: a random segment per item of its domain, as the encoder's (augmented)
     input (B, T), the decoder's teacher-forced input prev (B, T), its target classes (B, T) and, for
     the pitch encoder, the segment's f0 (B, T) (else None)."""
-    clean, f0 = data.batch(domain_of, g, args.transpose)  # (B, segment + 1) each
+    clean, f0 = data.batch(domain_of, g)  # (B, segment + 1) each
     codes = mu_law_encode(clean)
     prev, target = codes[:, :-1], codes[:, 1:]  # predict each sample from the ones before it
     # a noisy past: the decoder cannot just continue the waveform, it must read the latent
@@ -964,17 +1016,20 @@ class InstrumentJudge(nn.Module):
     the log-mel spectrum over quarter-second windows of the frames where something plays (each
     window's mean, relative to its loudest band, and its spread over time). `fit` trains it on the
     training clips of every domain, clean and with the decoders' levels of sampling noise (+-2, 4 and
-    6 mu-law classes), so that a decoder's noise is not heard as a timbre. A clip's verdict is the
-    mean of its windows' log-probabilities. Its state_dict travels in the checkpoint."""
+    6 mu-law classes), so that a decoder's noise is not heard as a timbre. Five such networks, from
+    different initial weights, vote: one alone names a decoder's output differently from one
+    training run to the next, though all are right on the true recordings. A clip's verdict is the
+    mean of its windows' log-probabilities over the five. Its state_dict travels in the checkpoint."""
 
-    def __init__(self, domains, rate, n_mels=40, hidden=64):
+    def __init__(self, domains, rate, n_mels=40, hidden=64, members=5):
         super().__init__()
         self.domains, self.rate = list(domains), rate
         bank = mel_bank(rate, frame_size(rate), n_mels)
         self.register_buffer("bank", torch.tensor(bank, dtype=torch.float32))  # (n_mels, bins)
         self.register_buffer("mean", torch.zeros(2 * n_mels))  # of the training features
         self.register_buffer("std", torch.ones(2 * n_mels))
-        self.net = nn.Sequential(nn.Linear(2 * n_mels, hidden), nn.ReLU(), nn.Linear(hidden, len(domains)))
+        self.nets = nn.ModuleList(nn.Sequential(nn.Linear(2 * n_mels, hidden), nn.ReLU(),
+                                                nn.Linear(hidden, len(domains))) for _ in range(members))
 
     def features(self, x, window=16):
         """x (T,) audio -> (windows, 2 n_mels): per window of 16 frames (about 0.25 s), the mean log-mel
@@ -989,17 +1044,18 @@ class InstrumentJudge(nn.Module):
         shape = w.mean(1) - w.mean(1).amax(1, keepdim=True)
         return torch.cat([shape, w.std(1, unbiased=False)], 1).clamp_min(-80)
 
-    def forward(self, features):  # (windows, 2 n_mels) -> (windows, domains) logits
-        return self.net((features - self.mean) / self.std)
+    def forward(self, features):  # (windows, 2 n_mels) -> (members, windows, domains) logits
+        return torch.stack([net((features - self.mean) / self.std) for net in self.nets])
 
     @torch.no_grad()
     def hears(self, x, pitch=None):
         """The domain a clip x (T,) sounds like (`pitch` is ignored: the judge needs no score)."""
-        return self.domains[int(self(self.features(x)).log_softmax(1).mean(0).argmax())]
+        return self.domains[int(self(self.features(x)).log_softmax(2).mean((0, 1)).argmax())]
 
     @classmethod
     def fit(cls, clips_by_domain, rate, steps=600, seconds=20.0, seed=0):
         """Trained on up to `seconds` of each training clip, clean and noisy, 256 windows a step."""
+        torch.manual_seed(seed)  # the initial weights too: the same judge from the same seed
         judge, g = cls(clips_by_domain, rate), np.random.default_rng(seed)
         feats, labels = [], []
         for d, clips in enumerate(clips_by_domain.values()):
@@ -1012,11 +1068,13 @@ class InstrumentJudge(nn.Module):
         feats, labels = torch.cat(feats), torch.tensor(labels)
         judge.mean.copy_(feats.mean(0))
         judge.std.copy_(feats.std(0) + 1e-3)
-        torch.manual_seed(seed)
-        opt = torch.optim.Adam(judge.net.parameters(), lr=3e-3, weight_decay=1e-4)
+        opt = torch.optim.Adam(judge.nets.parameters(), lr=3e-3, weight_decay=1e-4)
         for _ in range(steps):
-            pick = torch.randint(0, len(feats), (256,))
-            loss = F.cross_entropy(judge(feats[pick]), labels[pick])
+            pick = torch.randint(0, len(feats), (256,))  # the same windows for every member
+            logits = judge(feats[pick])  # (members, 256, domains)
+            # the members' own losses summed: each learns as it would alone
+            members = len(judge.nets)
+            loss = members * F.cross_entropy(logits.flatten(0, 1), labels[pick].repeat(members))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -1063,7 +1121,8 @@ def decode_per_target(model, per_target, audio_of, n, device, temperature=1.0, s
     with torch.inference_mode():
         inputs = [torch.stack([torch.from_numpy(np.float32(audio_of(kind, k))) for kind, k in rows]
                               + [torch.zeros(n)] * (width - len(rows))) for rows in per_target]
-        z = torch.stack([model.encoder(x.to(device)) for x in inputs])  # (D, clips per target, L, F)
+        # (D, clips per target, L, F): for the pitch encoder, loudness moved onto each target's
+        z = torch.stack([model.match_loudness(model.encoder(x.to(device)), t) for t, x in enumerate(inputs)])
         audio = mu_law_decode(generate(list(model.decoders), z, n, temperature, seed)).cpu().numpy()
     model.train()
     return {key: audio[t, j] for t, rows in enumerate(per_target) for j, key in enumerate(rows)}
@@ -1309,10 +1368,15 @@ def fit_judges(args, train, test, train_scores, say):
         return TimbreClassifier.fit({d: clips[:24] for d, clips in train.items()}, train_scores[:24],
                                     args.rate), None, None
     t0 = time.time()
-    judge = InstrumentJudge.fit(train, args.rate, steps=60 if args.dry_run else 600, seed=args.seed)
+    # with --register the judge also hears the copies the decoders train on: one that has never heard a
+    # bassoon above its lines names a translated violin's top octave by the wrong instrument
+    shifts = range(4, args.register + 1, 4)
+    heard_clips = {d: own + [played_higher(c, s) for c in own for s in shifts] for d, own in train.items()}
+    judge = InstrumentJudge.fit(heard_clips, args.rate, steps=60 if args.dry_run else 600, seed=args.seed)
     heard = {w: [judge.hears(mu_law_noise(c, w, 0) if w else c) == d for d, clips in test.items()
                  for c in clips] for w in (0, 4)}
-    say(f"instrument judge, trained on the training clips ({time.time() - t0:.1f}s): right on "
+    say(f"instrument judge, trained on the training clips{' and their copies' if shifts else ''} "
+        f"({time.time() - t0:.1f}s): right on "
         f"{100 * np.mean(heard[0]):.1f}% of the held-out clips, {100 * np.mean(heard[4]):.1f}% with a "
         "decoder's sampling noise (+-4 mu-law classes)")
     return None, judge, heard
@@ -1440,8 +1504,10 @@ RECIPES = {  # --recipe: the defaults a run starts from
     # Recordings of real instruments (the lesson page's recipe section): on their richer timbres the
     # learned code kept the instrument along with the notes, and the decoders followed the instrument,
     # so the code is measured instead (PitchEncoder), and every clip brought to one level, so that the
-    # loudness channel means the same on any recording.
-    "instruments": dict(encoder="pitch", dc_lambda=0.0, clip_rms=0.2),
+    # loudness channel means the same on any recording. A recording to translate may play higher than
+    # any training line (a violin's top octave into a bassoon), so every clip is also played up to an
+    # octave higher, and three times the default steps learn the wider register.
+    "instruments": dict(encoder="pitch", dc_lambda=0.0, clip_rms=0.2, register=12, steps=9000),
 }
 
 
@@ -1477,10 +1543,10 @@ def get_args():
     parser.add_argument("--clip-rms", type=float, default=0,
                         help="scale every clip to this RMS level, 0 to keep it as recorded "
                              "(default: %(default)s)")
-    parser.add_argument("--transpose", type=float, default=0,
-                        help="each training segment played up to this many semitones higher or lower "
-                             "(resampled; the pitch encoder's f0 moves with it), so that every decoder "
-                             "learns notes outside its instrument's lines (default: %(default)s)")
+    parser.add_argument("--register", type=int, default=0,
+                        help="every training clip also played 4, 8, ... up to this many semitones "
+                             "higher (resampled once, at the start), for recordings that play above "
+                             "the training lines (default: %(default)s)")
     parser.add_argument("--enc-channels", type=int, default=32, help="reference 128 (default: %(default)s)")
     parser.add_argument("--enc-blocks", type=int, default=2, help="reference 3 (default: %(default)s)")
     parser.add_argument("--enc-layers", type=int, default=8, help="reference 10 (default: %(default)s)")
@@ -1551,9 +1617,9 @@ def get_args():
     args = parser.parse_args()
     if not 0 <= args.anneal < 1:
         fail(f"--anneal {args.anneal} is a fraction of training: from 0 (never) to below 1")
-    if args.clip_rms < 0 or not 0 <= args.transpose <= 12:
-        fail("--clip-rms is a level (0 to keep each clip's own) and --transpose a number of semitones "
-             "from 0 to 12")
+    if args.clip_rms < 0 or not 0 <= args.register <= 24:
+        fail("--clip-rms is a level (0 to keep each clip's own) and --register a number of semitones "
+             "from 0 to 24")
     if args.dry_run:  # pytorch/examples' --dry-run: the whole script once, on the least data
         args.steps, args.melodies, args.eval_melodies, args.eval_seconds, args.log_every = 2, 6, 2, 0.25, 1
 
@@ -1597,7 +1663,9 @@ def main():
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=fused)
     opt_dc = torch.optim.Adam(classifier.parameters(), lr=args.lr, fused=fused)
     data = SegmentPool(train, args.segment - args.segment % args.pool, device,  # whole latent frames
-                       args.rate if args.encoder == "pitch" else None)
+                       args.rate if args.encoder == "pitch" else None, args.pool, args.register)
+    if args.encoder == "pitch":  # what each decoder hears as loud, for translation (match_loudness)
+        model.loudness.copy_(torch.stack(data.loudness))
     amp_dtype, needs_scaler = precision_for(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)  # fp16 only: see common.choose_precision
     say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters ({len(domains)} decoders, "
