@@ -1681,12 +1681,11 @@ def main():
     if rank == 0:
         save_checkpoint({"kind": "umtn", "model": model.state_dict(), "classifier": classifier.state_dict(),
                          "optimizer": opt.state_dict(), "model_args": model_args, "domains": domains,
-                         "rate": args.rate,
                          # float32: MPS has no float64
                          "timbre_centres": (torch.tensor(timbre.centres, dtype=torch.float32) if timbre
                                             else None),
-                         "judge": judge.state_dict() if judge else None,
-                         "step": step, "config": vars(args)}, Path(args.out))
+                         "rate": args.rate, "judge": judge.state_dict() if judge else None, "step": step,
+                         "config": vars(args)}, Path(args.out))
         say(f"saved {args.out}")
 
     result = (f"result: bits_per_sample={final_bits:.3f} first_bits={first_bits:.3f} "
