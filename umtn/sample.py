@@ -49,12 +49,15 @@ def notes_over_time(x, rate, seconds, cell=0.125):
 
 def show(audio, outputs, domains, rate, timbre, seconds):
     """What happened to the music: the input's notes and each output's, side by side, how many of
-    the input's voiced frames each output plays at the same note, and which instrument it sounds like."""
+    the input's voiced frames each output plays at the same note, and which instrument the input and
+    each output sound like."""
     line, midi_in = notes_over_time(audio, rate, seconds)
     print(f"notes over the first {min(seconds, len(audio) / rate):.1f} s (one per 1/8 s; '.' is silence or "
           "noise):")
     width = max(12, 4 + max(len(d) for d in domains))  # the note columns line up for any names
     print(f"  {'input':<{width}}{line}")
+    if timbre:  # the input first: a judge that does not know your instrument cannot judge its translations
+        print(f"  {'':<{width}}(sounds like {timbre(audio, midi_in)})")
     for t, y in outputs.items():
         line, midi = notes_over_time(y, rate, seconds)
         n = min(len(midi), len(midi_in))

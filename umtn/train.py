@@ -1017,9 +1017,11 @@ class InstrumentJudge(nn.Module):
     window's mean, relative to its loudest band, and its spread over time). `fit` trains it on the
     training clips of every domain, clean and with the decoders' levels of sampling noise (+-2, 4 and
     6 mu-law classes), so that a decoder's noise is not heard as a timbre. Five such networks, from
-    different initial weights, vote: one alone names a decoder's output differently from one
-    training run to the next, though all are right on the true recordings. A clip's verdict is the
-    mean of its windows' log-probabilities over the five. Its state_dict travels in the checkpoint."""
+    different initial weights, vote, and each trains until it settles (large batches, the learning
+    rate annealed to zero): a judge stopped early, or one alone, is right on every true recording yet
+    names a decoder's output, which lies between the instruments it knows, by its own seed. A clip's
+    verdict is the mean of its windows' log-probabilities over the five. Its state_dict travels in
+    the checkpoint."""
 
     def __init__(self, domains, rate, n_mels=40, hidden=64, members=5):
         super().__init__()
@@ -1053,8 +1055,8 @@ class InstrumentJudge(nn.Module):
         return self.domains[int(self(self.features(x)).log_softmax(2).mean((0, 1)).argmax())]
 
     @classmethod
-    def fit(cls, clips_by_domain, rate, steps=600, seconds=20.0, seed=0):
-        """Trained on up to `seconds` of each training clip, clean and noisy, 256 windows a step."""
+    def fit(cls, clips_by_domain, rate, steps=6000, seconds=20.0, seed=0, batch=1024):
+        """Trained on up to `seconds` of each training clip, clean and noisy, `batch` windows a step."""
         torch.manual_seed(seed)  # the initial weights too: the same judge from the same seed
         judge, g = cls(clips_by_domain, rate), np.random.default_rng(seed)
         feats, labels = [], []
@@ -1069,8 +1071,10 @@ class InstrumentJudge(nn.Module):
         judge.mean.copy_(feats.mean(0))
         judge.std.copy_(feats.std(0) + 1e-3)
         opt = torch.optim.Adam(judge.nets.parameters(), lr=3e-3, weight_decay=1e-4)
+        # annealed to zero, so that where it stops does not depend on the last few batches
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         for _ in range(steps):
-            pick = torch.randint(0, len(feats), (256,))  # the same windows for every member
+            pick = torch.randint(0, len(feats), (batch,))  # the same windows for every member
             logits = judge(feats[pick])  # (members, 256, domains)
             # the members' own losses summed: each learns as it would alone
             members = len(judge.nets)
@@ -1078,6 +1082,7 @@ class InstrumentJudge(nn.Module):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            schedule.step()
         return judge.eval()
 
 
@@ -1372,7 +1377,7 @@ def fit_judges(args, train, test, train_scores, say):
     # bassoon above its lines names a translated violin's top octave by the wrong instrument
     shifts = range(4, args.register + 1, 4)
     heard_clips = {d: own + [played_higher(c, s) for c in own for s in shifts] for d, own in train.items()}
-    judge = InstrumentJudge.fit(heard_clips, args.rate, steps=60 if args.dry_run else 600, seed=args.seed)
+    judge = InstrumentJudge.fit(heard_clips, args.rate, steps=60 if args.dry_run else 6000, seed=args.seed)
     heard = {w: [judge.hears(mu_law_noise(c, w, 0) if w else c) == d for d, clips in test.items()
                  for c in clips] for w in (0, 4)}
     say(f"instrument judge, trained on the training clips{' and their copies' if shifts else ''} "
