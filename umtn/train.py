@@ -1075,7 +1075,7 @@ class InstrumentJudge(nn.Module):
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         for _ in range(steps):
             pick = torch.randint(0, len(feats), (batch,))  # the same windows for every member
-            logits = judge(feats[pick])  # (members, 256, domains)
+            logits = judge(feats[pick])  # (members, batch, domains)
             # the members' own losses summed: each learns as it would alone
             members = len(judge.nets)
             loss = members * F.cross_entropy(logits.flatten(0, 1), labels[pick].repeat(members))
